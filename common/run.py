@@ -1,0 +1,352 @@
+"""Run plumbing shared by every script: flags, seeding, devices, the run folder, logging, checkpoints, errors.
+
+A run lives in `<logdir>/<run_name>/`: `args.json`, tensorboardX events, `metrics.jsonl` (one line per evaluation),
+`checkpoint.pt` (written atomically) and, at the end, `summary.json`. See CONVENTIONS.md for the whole contract.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import UserError
+from common import distributed
+
+
+# ---------------------------------------------------------------------------------------------------------------- flags
+class Parser(argparse.ArgumentParser):
+    """argparse that also accepts the dashed spelling of every `--snake_case` flag and shows defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        names = list(names)
+        for name in list(names):
+            if name.startswith("--") and "_" in name and name.replace("_", "-") not in names:
+                names.append(name.replace("_", "-"))
+        help_text = kwargs.get("help")
+        if help_text is not None and help_text != argparse.SUPPRESS and "default" not in help_text:
+            default = kwargs.get("default")
+            if not (kwargs.get("action") in ("store_true", "store_false") or default is None):
+                kwargs["help"] = f"{help_text} (default: {default})"
+        return super().add_argument(*names, **kwargs)
+
+    def error(self, message):
+        # One line and exit 2, like every other bad input.
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_standard_flags(parser):
+    """The run-plumbing flags every script shares, with the same meaning everywhere."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--logdir", default="runs", help="folder that holds one sub-folder per run")
+    g.add_argument("--run_name", default=None,
+                   help="name of this run's folder (default: <method>-<dataset>-<labels>-s<seed>)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint: 'auto' (or no value) takes the run folder's checkpoint.pt")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision for forward passes")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the networks")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="deterministic kernels (slower); with --workers 0 on CPU a resumed run equals an uninterrupted one")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on when stdout is a terminal, else a log line every 30 s)")
+    g.add_argument("--trust_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="load checkpoints that hold Python objects (weights_only=False); only for files you trust")
+    return parser
+
+
+def entry(main):
+    """Run `main()`; bad input becomes one line on stderr and exit code 2 instead of a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        distributed.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- devices, seeds, precision
+def resolve_device(flag="auto"):
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def seed_everything(seed, rank=0, deterministic=False):
+    """Seed every RNG; ranks get different streams (augmentation) but must derive shared choices from `seed` alone."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    # RNG states come back from a weights-only load with lists where tuples were.
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def autocast(device, amp):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device, amp):
+    # bf16 keeps fp32's exponent range and needs no loss scaling; fp16 does.
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+
+
+def check_finite(loss, step, run):
+    value = float(loss)
+    if not math.isfinite(value):
+        kept = f"the last good checkpoint is kept in {run.path('checkpoint.pt')}" if run.path("checkpoint.pt").exists() \
+            else "no checkpoint was written yet"
+        raise UserError(f"the loss is {value} at iteration {step}: training stopped; {kept}. "
+                        "Lower --lr or turn --amp off, then --resume")
+
+
+# ----------------------------------------------------------------------------------------------------------- evaluation
+def accuracy(logits, targets, topk=(1, 5)):
+    """Top-k accuracies in percent (k is capped at the number of classes)."""
+    top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
+    hit = top.eq(targets.view(-1, 1))
+    return [100.0 * hit[:, :min(k, logits.shape[1])].any(1).float().mean().item() for k in topk]
+
+
+@torch.no_grad()
+def evaluate(forward, loader, device):
+    """Top-1 and top-5 of `forward(images) -> logits` over a loader of (x, y, idx), summed over ranks."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y, _ in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = forward(x).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top.eq(y.view(-1, 1))
+        counts += torch.tensor([hit[:, :1].any(1).sum().item(), hit.any(1).sum().item(), len(y)],
+                               dtype=torch.float64, device=device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(counts)
+    return (100.0 * counts[0] / counts[2]).item(), (100.0 * counts[1] / counts[2]).item()
+
+
+# ----------------------------------------------------------------------------------------------------------- run folder
+def _versions():
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+         "numpy": np.__version__}
+    for name, module in (("torchvision", "torchvision"), ("dali", "nvidia.dali"), ("faiss", "faiss")):
+        try:
+            v[name] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # an optional package that is absent or fails to load is just not recorded
+            v[name] = None
+    return v
+
+
+class Run:
+    """The run folder of the contract. Every rank builds one; only the main rank writes."""
+
+    def __init__(self, args, method, dataset, labels, dist=None):
+        self.args = args
+        self.is_main = dist.is_main if dist is not None else True
+        self.name = args.run_name or f"{method}-{dataset}-{labels}-s{args.seed}"
+        self.dir = Path(args.logdir) / self.name
+        self.evals = []
+        self.wall_before = 0.0
+        self.start = time.time()
+        self.resume_state = self._resume_state(args)
+        if self.resume_state is not None:
+            saved = self.resume_state.get("run", {})
+            self.evals, self.wall_before = list(saved.get("evals", [])), float(saved.get("wall_s", 0.0))
+        self.writer = None
+        self._bar = None
+        self._last_line = 0.0
+        self._rate = (None, None)
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            self.save_json("args.json", {"method": method, "argv": sys.argv, "flags": flags, "versions": _versions()})
+            if self.resume_state is not None:
+                self._rewrite_metrics()
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(self.dir))
+            table = "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(flags.items()))
+            self.writer.add_text("hyperparameters", table)
+
+    def _resume_state(self, args):
+        ckpt = self.dir / "checkpoint.pt"
+        if args.resume is None:
+            if ckpt.exists():
+                raise UserError(f"{self.dir} already holds a checkpoint: pass --resume auto to continue that run, "
+                                "or --run_name NAME to start a new one")
+            return None
+        path = ckpt if args.resume == "auto" else Path(args.resume)
+        if not path.exists():
+            if args.resume == "auto":
+                return None  # nothing to continue yet: start the run
+            raise UserError(f"--resume {path}: no such checkpoint file")
+        return load_file(path, trust=args.trust_checkpoint)
+
+    def path(self, name):
+        return self.dir / name
+
+    # logging
+    def log(self, step, scalars):
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def log_eval(self, step, top1, top5=None, **extra):
+        record = {"iter": int(step), "top1": float(top1), "top5": None if top5 is None else float(top5),
+                  "wall_s": round(self.wall_s(), 2), **extra}
+        self.evals.append(record)
+        if self.is_main:
+            self.log(step, {"test/top1": top1, **({"test/top5": top5} if top5 is not None else {})})
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._print(f"[{self.name}] iter {step}: top1 {top1:.2f}" + (f" top5 {top5:.2f}" if top5 is not None else ""))
+
+    def _rewrite_metrics(self):
+        # Evaluations logged after the checkpoint we resume from happened in a run that was cut off: drop them.
+        with open(self.dir / "metrics.jsonl", "w") as f:
+            for record in self.evals:
+                f.write(json.dumps(record) + "\n")
+
+    def progress(self, step, total, **values):
+        """Report iteration `step` of `total`; logs time/iter_per_s to tensorboard every 50 iterations."""
+        if not self.is_main:
+            return
+        now = time.time()
+        t0, s0 = self._rate
+        if t0 is None:
+            self._rate = (now, step)
+        elif step - s0 >= 50 or step == total:
+            if now > t0:
+                self.log(step, {"time/iter_per_s": (step - s0) / (now - t0)})
+            self._rate = (now, step)
+        show = self.args.progress if self.args.progress is not None else sys.stdout.isatty()
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        if show:
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, initial=step - 1, dynamic_ncols=True, desc=self.name)
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(text, refresh=False)
+        elif now - self._last_line >= 30 or step == total:
+            self._last_line = now
+            print(f"[{self.name}] iter {step}/{total} {text}", flush=True)
+
+    def _print(self, line):
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    # files
+    def wall_s(self):
+        return self.wall_before + time.time() - self.start
+
+    def save_json(self, name, obj):
+        if self.is_main:
+            atomic_write(self.dir / name, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+    def save_checkpoint(self, state):
+        """Write checkpoint.pt atomically (a temporary file, then rename): a crash never leaves half a checkpoint."""
+        if self.is_main:
+            state = _loadable({**state, "run": {"evals": self.evals, "wall_s": self.wall_s()}})
+            atomic_write(self.dir / "checkpoint.pt", lambda f: torch.save(state, f))
+
+    def finish(self, **figures):
+        """Write summary.json: final, best and median-of-last-5 top-1 plus the method's own figures."""
+        top1 = [e["top1"] for e in self.evals]
+        summary = {"final_top1": top1[-1] if top1 else None, "best_top1": max(top1) if top1 else None,
+                   "median_last_top1": statistics.median(top1[-5:]) if top1 else None,
+                   "final_top5": self.evals[-1]["top5"] if top1 else None,
+                   "evals": len(top1), "wall_s": round(self.wall_s(), 2), **figures}
+        self.save_json("summary.json", summary)
+        if self._bar is not None:
+            self._bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.is_main:
+            shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+            print(f"[{self.name}] done: " + json.dumps(shown, default=str), flush=True)
+        return summary
+
+
+def _loadable(x):
+    """NumPy values become tensors / Python numbers, so the checkpoint loads with weights_only=True."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, dict):
+        return {k: _loadable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_loadable(v) for v in x)
+    return x
+
+
+def atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_file(path, trust=False):
+    """torch.load on CPU, weights only unless the user vouches for the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:
+        hint = "" if trust else " (if this is a trusted file that holds Python objects, add --trust_checkpoint)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint {path}: {first}{hint}") from None
