@@ -1,0 +1,813 @@
+"""DebiasPL: Debiased Learning from Naturally Imbalanced Pseudo-Labels (Wang et al., CVPR 2022, arXiv 2201.01490).
+
+Pseudo-labels are imbalanced even when the data are balanced: a teacher prefers some classes, FixMatch trains on its
+confident guesses and the preference grows. DebiasPL keeps a running estimate q of the teacher's class marginal
+(the mean softmax over unlabeled batches, momentum --qhat_m) and removes it twice: the pseudo-label is the argmax of
+softmax(z_weak - tau log q) (counterfactual logit adjustment, thresholded on the debiased probability), and the
+student's strong-view logits are trained with z_strong + tau log q (an adaptive margin: classes the teacher predicts
+rarely get larger margins). The base learner is FixMatch with an EMAN teacher (--eman: the teacher, in eval mode, is
+an exponential moving average of the student's weights AND BatchNorm statistics), optionally with two weak + two
+strong views per image (--multiviews), a CLD instance-group loss (--CLDLoss), CLIP predictions for the images the
+model is not confident about (--use_clip), or, in the zero-shot setting (--zero_shot), CLIP pseudo-labels instead of
+human labels.
+
+Launch (ImageNet 1% with MoCo-EMAN initialisation, the reference's scripts/1perc-ssl/train_DebiasPL.sh):
+  1 GPU:    python debiaspl.py --root imagenet --trainindex_x train_1p_index.csv --trainindex_u train_99p_index.csv \
+              --backbone resnet50 --pretrained pretrained/res50_moco_eman_800ep.pth.tar --eman --lr 0.003 --cos \
+              --warmup_epoch 5 --epochs 50 --threshold 0.8 --qhat_m 0.999 --tau 0.4 --CLDLoss --lambda_cld 0.3 \
+              --multiviews --amp bf16 --dali
+  8 GPUs:   torchrun --nproc_per_node 8 debiaspl.py <the same flags>      (--batch_size is global: 64 labeled)
+  CPU:      python debiaspl.py --root ./cifar10 --dataset cifar10 --num_labeled 40 --batch_size 8 --mu 2 \
+              --max_iter 100 --device cpu --workers 0
+CIFAR-10 (the FixMatch protocol): python debiaspl.py --root ./cifar10 --download --num_labeled 40 --batch_size 64 \
+  --mu 7 --lr 0.03 --nesterov --weight_decay 5e-4 --threshold 0.95 --lambda_u 1 --epochs 1024 --epoch_iters 1024 \
+  --tau 0.4 --qhat_m 0.999                         (add --eman to pseudo-label with, and evaluate, an EMAN teacher)
+Index files name ImageFolder positions of ROOT/train (column `Index`, or a .npy of indices, as usl.py writes them);
+a bare name resolves under ROOT/indexes/ as in the reference, anything else as a path.
+"""
+import argparse
+import copy
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageEnhance
+import PIL.ImageOps
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+from common import UserError
+from common import backbones, datasets, distributed
+from common import run as runlib
+
+IMAGENET_LIKE = ("imagenet", "imagefolder")
+
+
+# ------------------------------------------------------------------------------------------------------------- flags
+def parse_args(argv=None):
+    # flags are added to the parser itself, not to argument groups: common.run.Parser adds the dashed spellings
+    # and the defaults in --help only there
+    p = runlib.Parser(description=__doc__.split("\n\n")[0])
+    # data
+    p.add_argument("--root", default=None, help="dataset folder (ImageNet layout: train/, val/, indexes/)")
+    p.add_argument("--dataset", default=None, choices=datasets.NAMES,
+                   help="dataset format (default: inferred from the basename of --root)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download the dataset if it is missing (CIFAR, SVHN)")
+    p.add_argument("--trainindex_x", default=None,
+                   help="labeled images: CSV with an Index column (or .npy of indices, e.g. usl.py's selected.csv); "
+                        "a bare name resolves under ROOT/indexes/")
+    p.add_argument("--trainindex_u", default=None,
+                   help="unlabeled images, same format (default: every training image not in --trainindex_x)")
+    p.add_argument("--anno_percent", type=float, default=0.1,
+                   help="without index files or --num_labeled: label this fraction of each class at random (seeded)")
+    p.add_argument("--num_labeled", type=int, default=None,
+                   help="without index files: this many labels, class-balanced, drawn with --seed (CIFAR protocol)")
+    p.add_argument("--exclude_labeled", action=argparse.BooleanOptionalAction, default=None,
+                   help="unlabeled set = the complement of the labeled set (default: yes for ImageNet-style folders, "
+                        "as the reference's index files; no for CIFAR/SVHN, the FixMatch convention: all images)")
+    p.add_argument("--zero_shot", action=argparse.BooleanOptionalAction, default=False,
+                   help="zero-shot setting: --trainindex_x is a CLIP pseudo-label CSV (Index, PseudoLabel) whose "
+                        "labels replace the folder's; --trainindex_u carries CLIP's PseudoLabel and Probs")
+    p.add_argument("--use_clip", action=argparse.BooleanOptionalAction, default=False,
+                   help="SSL with CLIP: train on CLIP's top-1 where all the model's pseudo-labels are below threshold")
+    p.add_argument("--clip_predictions", default=None,
+                   help="CLIP predictions for --use_clip: a dict with probs_list/preds_list [N_u, k] (default: "
+                        "ROOT/indexes/<trainindex_u stem>_clip_predictions_ranked.pth.tar)")
+    p.add_argument("--clip_threshold", type=float, default=None,
+                   help="CLIP confidence needed to use its label (default: 0.4 with --use_clip, 0.3 with --zero_shot)")
+    p.add_argument("--image_size", type=int, default=None, help="crop size (default: 224; 32 for CIFAR/SVHN/digits)")
+    p.add_argument("--workers", "-j", type=int, default=8, help="data-loading processes per rank (DALI threads with --dali)")
+    p.add_argument("--dali", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode and augment the training views with NVIDIA DALI (on the GPU when there is one)")
+
+    # model
+    p.add_argument("--backbone", "--arch", dest="backbone", default=None,
+                   help=f"network: {', '.join(backbones.NAMES)}; the reference's resnet50_encoder etc. are accepted "
+                        "(default: resnet50, wrn28_2 for CIFAR/SVHN/digits)")
+    p.add_argument("--pretrained", "--self_pretrained", dest="pretrained", nargs="?", const=True, default=None,
+                   help="initialise the backbone of student and teacher: no value = torchvision weights, a path = a "
+                        "checkpoint (MoCo / MoCo-EMAN encoder_q, torchvision, plain state dict; a matching fc "
+                        "loads too)")
+    p.add_argument("--cls", type=int, default=None, help="number of classes; checked against the dataset")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the pooled feature of the student (default: 0.45 as the reference's ResNet; "
+                        "0 for CIFAR/SVHN/digits, as FixMatch's WRN)")
+    p.add_argument("--eman", action=argparse.BooleanOptionalAction, default=False,
+                   help="pseudo-label with an EMAN teacher (EMA of weights and BN statistics, eval mode)")
+    p.add_argument("--ema_m", type=float, default=0.999, help="EMAN momentum")
+
+    # optimisation
+    p.add_argument("--epochs", type=int, default=200, help="epochs (one epoch = one pass over the unlabeled set)")
+    p.add_argument("--epoch_iters", type=int, default=None,
+                   help="iterations per epoch (default: one pass over the unlabeled set; FixMatch CIFAR uses 1024)")
+    p.add_argument("--max_iter", type=int, default=None, help="stop after this many iterations (schedule unchanged)")
+    p.add_argument("--batch_size", "-b", type=int, default=64, help="labeled images per iteration, over all ranks")
+    p.add_argument("--mu", type=int, default=5, help="unlabeled images per labeled image")
+    p.add_argument("--lr", "--learning_rate", type=float, default=0.1, help="base learning rate")
+    p.add_argument("--lr_schedule", default=None, choices=["step", "cos", "fixmatch_cos"],
+                   help="step: x0.1 at --schedule epochs; cos: cosine per epoch after warmup (the reference's --cos); "
+                        "fixmatch_cos: lr cos(7 pi k / 16 K) per iteration (default: cos with --cos, else fixmatch_cos "
+                        "for CIFAR/SVHN/digits, else step)")
+    p.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False,
+                   help="the reference's switch for --lr_schedule cos")
+    p.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="epochs of the x0.1 steps")
+    p.add_argument("--warmup_epoch", type=int, default=0, help="epochs of linear per-iteration warmup")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight_decay", "--wd", dest="weight_decay", type=float, default=1e-4,
+                   help="weight decay (on every parameter, as the reference)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentations")
+
+    # DebiasPL / FixMatch
+    p.add_argument("--lambda_u", type=float, default=10.0, help="weight of the unlabeled loss")
+    p.add_argument("--threshold", type=float, default=0.7, help="confidence threshold on the debiased probability")
+    p.add_argument("--tau", type=float, default=1.0, help="debiasing strength (0 = plain FixMatch)")
+    p.add_argument("--qhat_m", type=float, default=0.999, help="momentum of the class-marginal estimate q")
+    p.add_argument("--multiviews", action=argparse.BooleanOptionalAction, default=False,
+                   help="two weak and two strong views of every unlabeled image")
+    p.add_argument("--CLDLoss", action=argparse.BooleanOptionalAction, default=False,
+                   help="add the CLD instance-group loss in probability space")
+    p.add_argument("--lambda_cld", type=float, default=0.3, help="weight of the CLD loss")
+    p.add_argument("--cld_groups", default="argmin", choices=["argmin", "argmax"],
+                   help="group of a sample: the reference's argmin of the teacher's probabilities, or the argmax "
+                        "(its pseudo-class)")
+    p.add_argument("--cld_temperature", type=float, default=0.07, help="CLD temperature")
+
+    # evaluation and logging
+    p.add_argument("--eval_freq", type=int, default=1, help="evaluate every this many epochs")
+    p.add_argument("--eval_interval", type=int, default=None, help="evaluate every this many iterations instead")
+    p.add_argument("--eval_batch_size", type=int, default=128, help="evaluation batch per rank")
+    p.add_argument("--print_freq", type=int, default=100, help="write train/* scalars every this many iterations")
+    runlib.add_standard_flags(p)
+    args = p.parse_args(argv)
+    if args.backbone is not None and args.backbone.endswith("_encoder"):
+        args.backbone = args.backbone[: -len("_encoder")]  # the reference's resnet50_encoder = torchvision resnet50
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- augmentations
+# The FixMatch RandAugment of the reference (data/randaugment.py), written out because torchvision's RandAugment has
+# other operations and magnitudes. Magnitude v in {1..m-1}; float ops use v*max/10 + bias, int ops int(v*max/10) + bias.
+# The draws use Python's `random` alone (the reference mixes in numpy for v; the distribution is the same).
+def _fparam(v, max_v, bias):
+    return float(v) * max_v / 10 + bias
+
+
+def _iparam(v, max_v, bias):
+    return int(v * max_v / 10) + bias
+
+
+def _signed(x):
+    return -x if random.random() < 0.5 else x
+
+
+def auto_contrast(img, v, max_v, bias):
+    return PIL.ImageOps.autocontrast(img)
+
+
+def brightness(img, v, max_v, bias):
+    return PIL.ImageEnhance.Brightness(img).enhance(_fparam(v, max_v, bias))
+
+
+def color(img, v, max_v, bias):
+    return PIL.ImageEnhance.Color(img).enhance(_fparam(v, max_v, bias))
+
+
+def contrast(img, v, max_v, bias):
+    return PIL.ImageEnhance.Contrast(img).enhance(_fparam(v, max_v, bias))
+
+
+def equalize(img, v, max_v, bias):
+    return PIL.ImageOps.equalize(img)
+
+
+def identity(img, v, max_v, bias):
+    return img
+
+
+def invert(img, v, max_v, bias):
+    return PIL.ImageOps.invert(img)
+
+
+def posterize(img, v, max_v, bias):
+    return PIL.ImageOps.posterize(img, _iparam(v, max_v, bias))
+
+
+def rotate(img, v, max_v, bias):
+    return img.rotate(_signed(_iparam(v, max_v, bias)))
+
+
+def sharpness(img, v, max_v, bias):
+    return PIL.ImageEnhance.Sharpness(img).enhance(_fparam(v, max_v, bias))
+
+
+def _affine(img, coeffs):
+    # Image.Transform.AFFINE: the PIL.Image.AFFINE alias of the reference was deprecated in Pillow 9.1-9.3.
+    return img.transform(img.size, PIL.Image.Transform.AFFINE, coeffs)
+
+
+def shear_x(img, v, max_v, bias):
+    return _affine(img, (1, _signed(_fparam(v, max_v, bias)), 0, 0, 1, 0))
+
+
+def shear_y(img, v, max_v, bias):
+    return _affine(img, (1, 0, 0, _signed(_fparam(v, max_v, bias)), 1, 0))
+
+
+def solarize(img, v, max_v, bias):
+    return PIL.ImageOps.solarize(img, 256 - _iparam(v, max_v, bias))
+
+
+def solarize_add(img, v, max_v, bias, threshold=128):
+    # The reference's np.int was removed in NumPy 1.24 and crashed whenever this op was drawn; int32 does the same.
+    shift = _signed(_iparam(v, max_v, bias))
+    arr = np.clip(np.asarray(img).astype(np.int32) + shift, 0, 255).astype(np.uint8)
+    return PIL.ImageOps.solarize(PIL.Image.fromarray(arr), threshold)
+
+
+def translate_x(img, v, max_v, bias):
+    return _affine(img, (1, 0, int(_signed(_fparam(v, max_v, bias)) * img.size[0]), 0, 1, 0))
+
+
+def translate_y(img, v, max_v, bias):
+    return _affine(img, (1, 0, 0, 0, 1, int(_signed(_fparam(v, max_v, bias)) * img.size[1])))
+
+
+# (op, max_v, bias): the 16-op "imagenet pool" of the reference.
+IMAGENET_POOL = [(auto_contrast, None, None), (brightness, 1.8, 0.1), (color, 1.8, 0.1), (contrast, 1.8, 0.1),
+                 (equalize, None, None), (identity, None, None), (invert, None, None), (posterize, 4, 4),
+                 (rotate, 30, 0), (sharpness, 1.8, 0.1), (shear_x, 0.3, 0), (shear_y, 0.3, 0), (solarize, 256, 0),
+                 (solarize_add, 110, 0), (translate_x, 0.45, 0), (translate_y, 0.45, 0)]
+# The 14-op FixMatch pool (RandAugmentMC) for CIFAR.
+FIXMATCH_POOL = [(auto_contrast, None, None), (brightness, 0.9, 0.05), (color, 0.9, 0.05), (contrast, 0.9, 0.05),
+                 (equalize, None, None), (identity, None, None), (posterize, 4, 4), (rotate, 30, 0),
+                 (sharpness, 0.9, 0.05), (shear_x, 0.3, 0), (shear_y, 0.3, 0), (solarize, 256, 0),
+                 (translate_x, 0.3, 0), (translate_y, 0.3, 0)]
+
+
+class RandAugment:
+    """ImageNet strong view: n ops drawn with replacement from the 16-op pool, each ALWAYS applied (prob=None)."""
+
+    def __init__(self, n=2, m=10, pool=IMAGENET_POOL):
+        self.n, self.m, self.pool = n, m, pool
+
+    def __call__(self, img):
+        for op, max_v, bias in random.choices(self.pool, k=self.n):
+            img = op(img, random.randint(1, self.m - 1), max_v, bias)
+        return img
+
+
+class RandAugmentMC:
+    """CIFAR strong view (FixMatch): n ops from the 14-op pool, each applied with probability 1/2, then Cutout 16 px."""
+
+    def __init__(self, n=2, m=10, cutout=16):
+        self.n, self.m, self.cutout = n, m, cutout
+
+    def __call__(self, img):
+        for op, max_v, bias in random.choices(FIXMATCH_POOL, k=self.n):
+            v = random.randint(1, self.m - 1)
+            if random.random() < 0.5:
+                img = op(img, v, max_v, bias)
+        return cutout_abs(img, self.cutout)
+
+
+def cutout_abs(img, size):
+    w, h = img.size
+    x0, y0 = random.uniform(0, w), random.uniform(0, h)
+    x0, y0 = int(max(0, x0 - size / 2.0)), int(max(0, y0 - size / 2.0))
+    x1, y1 = int(min(w, x0 + size)), int(min(h, y0 + size))
+    img = img.copy()
+    PIL.ImageDraw.Draw(img).rectangle((x0, y0, x1, y1), (127, 127, 127))
+    return img
+
+
+def make_transforms(dataset, size):
+    """(labeled, weak, strong, val) transforms of §3.2: RandomResizedCrop + flip for ImageNet-style folders; pad-crop
+    + flip and RandAugmentMC + Cutout for the 32-px datasets."""
+    mean, std = datasets.MEAN_STD.get(dataset, datasets.MEAN_STD["imagenet"])
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    if dataset in IMAGENET_LIKE:
+        weak = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        val = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] + tail)
+        strong = T.Compose(weak + [RandAugment(2, 10)] + tail)
+    else:
+        weak = [T.RandomHorizontalFlip(), T.RandomCrop(size, padding=int(size * 0.125), padding_mode="reflect")]
+        val = T.Compose(([T.Resize(size)] if size != 32 else []) + tail)
+        if size != 32:
+            weak = [T.Resize(size)] + weak
+        strong = T.Compose(weak + [RandAugmentMC(2, 10, cutout=int(size / 2))] + tail)
+    weak = T.Compose(weak + tail)
+    return weak, weak, strong, val
+
+
+# ---------------------------------------------------------------------------------------------- model and teacher
+class Classifier(nn.Module):
+    """Backbone -> dropout on the pooled feature -> linear. The reference applies nn.Dropout2d(0.45) to the 2-D
+    feature, which is element-wise dropout; nn.Dropout is the same without the deprecation warning."""
+
+    def __init__(self, backbone, num_classes, dropout=0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.dropout(self.backbone(x)))
+
+
+class FixMatch(nn.Module):
+    """Student `main` and (EMAN) teacher `ema` in one module: under DDP both sets of BN buffers are broadcast from
+    rank 0 at every forward, as in the reference, so every rank pseudo-labels with the same teacher."""
+
+    def __init__(self, main, eman=False):
+        super().__init__()
+        self.main = main
+        self.ema = copy.deepcopy(main) if eman else None
+        if self.ema is not None:
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+            self.ema.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.ema is not None:
+            self.ema.eval()  # EMAN: the teacher never computes batch statistics
+        return self
+
+    def forward(self, x, u_w=None, u_s=None):
+        if u_w is None:
+            return self.main(x)
+        n = len(x)
+        if self.ema is None:  # plain FixMatch: the weak views go through the student in the same batch
+            z = self.main(torch.cat([x, u_w, u_s]))
+            return z[:n], z[n:n + len(u_w)], z[n + len(u_w):]
+        z = self.main(torch.cat([x, u_s]))
+        with torch.no_grad():
+            z_w = self.ema(u_w)
+        return z[:n], z_w, z[n:]
+
+    @torch.no_grad()
+    def update_ema(self, m):
+        """EMAN: teacher <- m teacher + (1-m) student over parameters AND buffers (BN running mean/var), in place;
+        num_batches_tracked is copied."""
+        student, teacher = self.main.state_dict(), self.ema.state_dict()
+        t_float, s_float = [], []
+        for k, t in teacher.items():
+            s = student[k]
+            if t.is_floating_point():
+                t_float.append(t)
+                s_float.append(s)
+            else:
+                t.copy_(s)
+        torch._foreach_mul_(t_float, m)
+        torch._foreach_add_(t_float, s_float, alpha=1.0 - m)
+
+
+def build_model(args, num_classes):
+    """Student (+ EMAN teacher, a copy: both start from --pretrained, as the reference loads the MoCo-EMAN encoder
+    into main and ema). MoCo heads are dropped by common.backbones; a classifier with this class count is kept (the
+    reference's --pretrained for fine-tuned checkpoints)."""
+    bb_kw = {"bn_momentum": 0.001, "relu_slope": 0.1} if args.backbone.startswith("wrn") else {}  # FixMatch's WRN
+    backbone = backbones.build(args.backbone, args.pretrained, args.trust_checkpoint, **bb_kw)
+    student = Classifier(backbone, num_classes, args.dropout)
+    extra = getattr(backbone, "pretrained_extra", {})
+    if "fc.bias" in extra and tuple(extra.get("fc.weight", torch.empty(0)).shape) == tuple(student.fc.weight.shape):
+        student.fc.load_state_dict({"weight": extra["fc.weight"], "bias": extra["fc.bias"]})
+    return FixMatch(student, eman=args.eman)
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def log_qhat(qhat):
+    # q is a mean of softmaxes and stays positive; the clamp only guards a float32 underflow after very long runs.
+    return torch.log(qhat.clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def debiased_pseudo_labels(z_w, qhat, tau, threshold):
+    """Counterfactual logit adjustment: softmax(z_w - tau log q). Returns (pseudo-label, mask on the DEBIASED max
+    probability)."""
+    probs = torch.softmax(z_w - tau * log_qhat(qhat), dim=1)
+    conf, target = probs.max(dim=1)
+    return target, conf.ge(threshold).float()
+
+
+def update_qhat(qhat, mean_probs, m):
+    """q_t = m q_{t-1} + (1-m) mean_b softmax(z_w)_b (raw, not debiased, softmax: the code, not the paper's typo).
+    The reference's --masked-qhat is not offered: it multiplied by the mask without averaging ([B, C] estimate)."""
+    return m * qhat + (1.0 - m) * mean_probs
+
+
+def marginal_loss(z_s_views, targets, masks, qhat, tau):
+    """Adaptive marginal loss: masked CE of z_s + tau log q_t, averaged over ALL samples (FixMatch), then over the
+    pseudo-label x strong-view pairs."""
+    shift = tau * log_qhat(qhat)
+    total = 0.0
+    for target, mask in zip(targets, masks):
+        for z_s in z_s_views:
+            total = total + (F.cross_entropy(z_s + shift, target, reduction="none") * mask).mean()
+    return total / (len(targets) * len(z_s_views))
+
+
+def cld_loss(p_s, p_w, groups="argmin", temperature=0.07):
+    """CLD instance-group loss in probability space. Group g(b) of each sample from the teacher's p_w (argmin as the
+    reference, whose helper came from k-means over distances; argmax = the pseudo-class); centroids = mean p_w of a
+    group (an empty group has a zero centroid); logits <p_s, centroid> / T; CE against g(b)."""
+    g = p_w.argmin(dim=1) if groups == "argmin" else p_w.argmax(dim=1)
+    num = p_w.shape[1]
+    counts = torch.bincount(g, minlength=num).clamp_min(1).to(p_w.dtype)
+    centroids = p_w.new_zeros(num, num).index_add_(0, g, p_w) / counts[:, None]
+    return F.cross_entropy(p_s @ centroids.t() / temperature, g)
+
+
+def clip_loss(z_s_views, clip_target, clip_mask, masks):
+    """CLIP's label where CLIP is confident and every debiased pseudo-label of the model failed the threshold."""
+    use = (clip_mask - sum(masks)).ge(0.01).float()
+    return torch.stack([F.cross_entropy(z, clip_target, reduction="none") * use for z in z_s_views]).mean()
+
+
+def compute_losses(z_x, y_x, z_w_views, z_s_views, qhat, args, clip_target=None, clip_mask=None,
+                   reduce_mean=distributed.all_reduce_mean):
+    """The DebiasPL objective on one batch, in the reference's order: pseudo-labels with q_{t-1}, then the q update,
+    then the margin with q_t. Returns (loss, parts, q_t, pseudo-label of the averaged weak view, its mask)."""
+    z_x = z_x.float()
+    z_w_views = [z.detach().float() for z in z_w_views]
+    z_s_views = [z.float() for z in z_s_views]
+    z_w = sum(z_w_views) / len(z_w_views) if len(z_w_views) > 1 else z_w_views[0]
+    # 1. debiased pseudo-labels from q_{t-1}: averaged weak view (+ each weak view with --multiviews)
+    candidates = [z_w] + (z_w_views if len(z_w_views) > 1 else [])
+    targets, masks = zip(*[debiased_pseudo_labels(z, qhat, args.tau, args.threshold) for z in candidates])
+    # 2. q_t from the raw softmax of the averaged weak logits. The reference keeps q per GPU; here the batch mean is
+    # averaged over ranks, so every rank holds the same q (the marginal of the global batch).
+    mean_probs = reduce_mean(torch.softmax(z_w, dim=1).mean(dim=0))
+    qhat = update_qhat(qhat, mean_probs, args.qhat_m)
+    # 3. adaptive marginal loss with q_t
+    loss_x = F.cross_entropy(z_x, y_x)
+    loss_u = marginal_loss(z_s_views, targets, masks, qhat, args.tau)
+    parts = {"loss_x": loss_x, "loss_u": loss_u}
+    if clip_target is not None:
+        # CLIP's top-1 on the margin-shifted strong logits. With one weak view the reference crashed (NameError on
+        # mask1/mask2); here the rule uses the masks there are.
+        shift = args.tau * log_qhat(qhat)
+        parts["loss_clip"] = clip_loss([z + shift for z in z_s_views], clip_target, clip_mask, masks)
+        loss_u = (loss_u + parts["loss_clip"]) / 2.0
+    loss = loss_x + args.lambda_u * loss_u
+    if args.CLDLoss:
+        # Multiview: the averaged strong logits WITHOUT the margin. One strong view: the reference overwrote the
+        # logits in place, so its CLD saw the margin-shifted ones; kept.
+        z_s = sum(z_s_views) / len(z_s_views) if len(z_s_views) > 1 else z_s_views[0] + args.tau * log_qhat(qhat)
+        parts["loss_cld"] = cld_loss(torch.softmax(z_s, dim=1), torch.softmax(z_w, dim=1), args.cld_groups,
+                                     args.cld_temperature)
+        loss = loss + args.lambda_cld * parts["loss_cld"]
+    return loss, parts, qhat, targets[0], masks[0]
+
+
+def train_step(model, optimizer, scaler, x, y, u_views, qhat, args, device, clip_target=None, clip_mask=None,
+               forward=None):
+    """One iteration: forward student (+ teacher), DebiasPL loss, SGD step, EMAN update. Returns (loss, parts, q_t,
+    pseudo-labels, mask)."""
+    forward = model if forward is None else forward
+    nw = 2 if args.multiviews else 1
+    u_w, u_s = torch.cat(u_views[:nw]), torch.cat(u_views[nw:])
+    with runlib.autocast(device, args.amp):
+        z_x, z_w, z_s = forward(x, u_w, u_s)
+    loss, parts, qhat, target, mask = compute_losses(z_x, y, list(z_w.chunk(nw)), list(z_s.chunk(nw)), qhat, args,
+                                                     clip_target, clip_mask)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if args.eman:
+        distributed.unwrap(model).update_ema(args.ema_m)
+    return loss.detach(), parts, qhat, target, mask
+
+
+def learning_rate(step, iters_per_epoch, total, args):
+    """Warmup linear per iteration (step counted from 1), then the chosen schedule: the reference's cosine or step
+    decay are constant within an epoch; FixMatch's cos(7 pi k / 16 K) changes every iteration."""
+    epoch = step // iters_per_epoch
+    warmup = args.warmup_epoch * iters_per_epoch
+    if step < warmup:
+        return args.lr * min(1.0, (step + 1) / warmup)
+    if args.lr_schedule == "cos":
+        progress = (epoch - args.warmup_epoch) / (args.epochs - args.warmup_epoch)
+        return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if args.lr_schedule == "fixmatch_cos":
+        return args.lr * max(0.0, math.cos(7.0 * math.pi * (step - warmup) / (16.0 * max(1, total - warmup))))
+    return args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def resolve_index_file(root, name, flag):
+    """A bare name resolves under ROOT/indexes/ (the reference's convention), anything else as a path."""
+    candidates = [Path(root) / "indexes" / name] if root is not None else []
+    candidates.append(Path(name).expanduser())
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"{flag} {name}: no such file (looked at {' and '.join(str(c) for c in candidates)})")
+
+
+def percent_split(targets, num_classes, percent, seed):
+    """max(1, round(percent * n_c)) random images of each class (the reference's x_u_split, seeded). The reference's
+    fallback then built (weak, strong, strong, strong) views where its loop expects (weak, weak, strong, strong);
+    here the unlabeled views are the same as with index files."""
+    rng = np.random.RandomState(seed)
+    labeled = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(targets == c)
+        if len(idx) == 0:
+            continue
+        labeled.extend(rng.permutation(idx)[:max(1, round(percent * len(idx)))].tolist())
+    return np.sort(np.asarray(labeled, dtype=np.int64))
+
+
+def read_clip_csv(path, size, num_classes, need_probs):
+    indices, labels, probs = datasets.read_pseudo_label_csv(path, size, num_classes)
+    if need_probs and probs is None:
+        raise UserError(f"{path}: the zero-shot unlabeled file needs a Probs column (CLIP's confidence)")
+    return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64), probs
+
+
+def build_splits(args, train, num_classes):
+    """Labeled and unlabeled positions in the training set, labeled targets (None = the folder's), and CLIP
+    (labels, confidences) per unlabeled row, or None."""
+    size = len(train)
+    x_labels, clip = None, None
+    if args.zero_shot:
+        if args.trainindex_x is None or args.trainindex_u is None:
+            raise UserError("--zero_shot needs --trainindex_x (CLIP-selected Index, PseudoLabel) and --trainindex_u "
+                            "(Index, PseudoLabel, Probs) CSV files")
+        # The reference stored these labels but read the folder's ground truth in __getitem__ (a label leak); here
+        # the labeled loss sees the CLIP pseudo-labels only.
+        x_idx, x_labels, _ = read_clip_csv(resolve_index_file(args.root, args.trainindex_x, "--trainindex_x"),
+                                           size, num_classes, need_probs=False)
+        u_idx, u_labels, u_probs = read_clip_csv(resolve_index_file(args.root, args.trainindex_u, "--trainindex_u"),
+                                                 size, num_classes, need_probs=True)
+        clip = (torch.as_tensor(u_labels), torch.as_tensor(np.asarray(u_probs, dtype=np.float32)))
+        return x_idx, x_labels, u_idx, clip
+    if args.trainindex_x is not None:
+        x_idx = datasets.read_index_file(resolve_index_file(args.root, args.trainindex_x, "--trainindex_x"), size)
+    elif args.trainindex_u is not None:
+        raise UserError("--trainindex_u needs --trainindex_x (the labeled images)")
+    elif args.num_labeled is not None:
+        x_idx, _ = datasets.class_balanced_split(train.targets, args.num_labeled, num_classes, args.seed, exact=True)
+    else:
+        if not 0 < args.anno_percent < 1:
+            raise UserError(f"--anno_percent {args.anno_percent} must be in (0, 1)")
+        x_idx = percent_split(np.asarray(train.targets), num_classes, args.anno_percent, args.seed)
+    x_idx = np.asarray(x_idx, dtype=np.int64)
+    if args.trainindex_u is not None:
+        u_idx = datasets.read_index_file(resolve_index_file(args.root, args.trainindex_u, "--trainindex_u"), size)
+    elif args.exclude_labeled:
+        u_idx = np.setdiff1d(np.arange(size), x_idx)
+    else:
+        u_idx = np.arange(size)
+    return x_idx, x_labels, np.asarray(u_idx, dtype=np.int64), clip
+
+
+class DaliViews:
+    """common.dali.DaliStream over a subset of the training folder; idx = position in the subset (the row of the
+    index / CLIP files). DaliStream needs every shard to fill a batch, so a set smaller than that (a few labels) is
+    repeated, as BatchStream fills its batches from the next passes."""
+
+    def __init__(self, dali, dataset, views, batch_size, size, seed, dist, threads, device):
+        files = dataset.files
+        if files is None:
+            raise UserError("--dali reads image files; this dataset is held in memory: drop --dali")
+        self.n = len(files)
+        reps = max(1, math.ceil((batch_size // dist.world_size) * dist.world_size / self.n))
+        self.stream = dali.DaliStream(files=list(files) * reps, labels=np.tile(dataset.targets, reps), views=views,
+                                      batch_size=batch_size, size=size, seed=seed, rank=dist.rank,
+                                      world_size=dist.world_size, threads=max(1, threads), device=device)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, y, idx = next(self.stream)
+        return x, y, idx % self.n
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, d):
+        self.stream.load_state_dict(d)
+
+
+def load_clip_predictions(args, path_arg, num_u, num_classes):
+    """--use_clip: top-k CLIP predictions per unlabeled row -> (top-1 label, top-1 probability)."""
+    if path_arg is None:
+        if args.trainindex_u is None:
+            raise UserError("--use_clip needs --clip_predictions PATH or --trainindex_u (to find "
+                            "ROOT/indexes/<stem>_clip_predictions_ranked.pth.tar)")
+        stem = Path(args.trainindex_u).name.split(".csv")[0]
+        path_arg = Path(args.root) / "indexes" / f"{stem}_clip_predictions_ranked.pth.tar"
+    data = runlib.load_file(path_arg, trust=args.trust_checkpoint) if Path(path_arg).is_file() else None
+    if data is None:
+        raise UserError(f"CLIP predictions {path_arg} not found: pass --clip_predictions PATH")
+    if not isinstance(data, dict) or "probs_list" not in data or "preds_list" not in data:
+        raise UserError(f"{path_arg}: expected a dict with probs_list and preds_list tensors [N_u, k]")
+    probs, preds = torch.as_tensor(data["probs_list"]).float(), torch.as_tensor(data["preds_list"]).long()
+    probs, preds = probs.view(len(probs), -1), preds.view(len(preds), -1)
+    if len(probs) != num_u or len(preds) != num_u:
+        raise UserError(f"{path_arg} has {len(preds)} rows but the unlabeled set has {num_u}: the predictions must "
+                        "follow the rows of --trainindex_u")
+    if preds.numel() and (preds.min() < 0 or preds.max() >= num_classes):
+        raise UserError(f"{path_arg}: class {int(preds.max())} outside 0..{num_classes - 1}")
+    return preds[:, 0].clone(), probs.max(dim=1).values
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    dist = distributed.init(args.device)
+    device = dist.device
+    runlib.seed_everything(args.seed, dist.rank, args.deterministic)
+
+    # data ---------------------------------------------------------------------------------------------------
+    if args.dataset is None:
+        if args.root is None:
+            raise UserError("pass --root DATASET_FOLDER (and --dataset if its name does not say which)")
+        args.dataset = datasets.infer_name(args.root)
+    small = args.dataset not in IMAGENET_LIKE
+    args.image_size = args.image_size or (32 if small else 224)
+    args.backbone = args.backbone or ("wrn28_2" if small else "resnet50")
+    args.dropout = (0.0 if small else 0.45) if args.dropout is None else args.dropout
+    args.lr_schedule = args.lr_schedule or ("cos" if args.cos else "fixmatch_cos" if small else "step")
+    if args.exclude_labeled is None:
+        args.exclude_labeled = not small
+    if args.clip_threshold is None:
+        args.clip_threshold = 0.3 if args.zero_shot else 0.4
+    if args.use_clip and args.zero_shot:
+        raise UserError("--zero_shot already trains on CLIP's labels from --trainindex_u; drop --use_clip")
+    if args.dali and small:
+        raise UserError(f"--dali reads ImageNet-style image folders; {args.dataset} is loaded from arrays: drop --dali")
+    world = dist.world_size
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} (global) must be divisible by the {world} processes")
+
+    train = datasets.load(args.dataset, args.root, "train", download=args.download)
+    test = datasets.load(args.dataset, args.root, "test", download=args.download)
+    num_classes = train.num_classes
+    if args.cls is not None and args.cls != num_classes:
+        raise UserError(f"--cls {args.cls} but {args.root} has {num_classes} classes: fix --cls or --root")
+    x_idx, x_labels, u_idx, clip = build_splits(args, train, num_classes)
+    if args.use_clip:
+        clip = load_clip_predictions(args, args.clip_predictions, len(u_idx), num_classes)
+    lab_weak, weak, strong, val_tf = make_transforms(args.dataset, args.image_size)
+    u_tfs = [weak, weak, strong, strong] if args.multiviews else [weak, strong]
+    x_set = train.subset(x_idx, transform=lab_weak, targets=None if x_labels is None else x_labels)
+    u_set = train.subset(u_idx, transform=u_tfs)
+    test.transform = val_tf
+    if args.trainindex_x is not None:
+        labels_name = Path(args.trainindex_x).stem
+    elif args.num_labeled is not None:
+        labels_name = str(args.num_labeled)
+    else:
+        labels_name = f"{args.anno_percent * 100:g}p"
+    run = runlib.Run(args, "debiaspl", args.dataset, labels_name, dist)
+
+    if args.dali:
+        from common import dali
+        dev = "cuda" if device.type == "cuda" else "cpu"
+        u_views = ("train", "train", "strong", "strong") if args.multiviews else ("train", "strong")
+        x_stream = DaliViews(dali, x_set, ("train",), args.batch_size, args.image_size, args.seed, dist, args.workers,
+                             dev)
+        u_stream = DaliViews(dali, u_set, u_views, args.mu * args.batch_size, args.image_size, args.seed + 1, dist,
+                             args.workers, dev)
+    else:
+        pin = device.type == "cuda"
+        x_stream = datasets.BatchStream(x_set, args.batch_size, args.seed, args.workers, dist.rank, world,
+                                        pin_memory=pin)
+        u_stream = datasets.BatchStream(u_set, args.mu * args.batch_size, args.seed + 1, args.workers, dist.rank,
+                                        world, pin_memory=pin)
+    test_loader = datasets.eval_loader(test, args.eval_batch_size, args.workers, dist.rank, world)
+
+    # model --------------------------------------------------------------------------------------------------
+    model = build_model(args, num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = distributed.wrap(model, dist)  # DDP broadcasts rank 0's student AND teacher, weights and buffers
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                nesterov=args.nesterov)
+    scaler = runlib.grad_scaler(device, args.amp)
+    forward = torch.compile(model) if args.compile else model
+    qhat = torch.full((num_classes,), 1.0 / num_classes, device=device)  # uniform: no adjustment at first
+    if clip is not None:
+        clip = (clip[0].to(device), clip[1].to(device))
+
+    iters_per_epoch = args.epoch_iters or max(1, len(u_idx) // (args.mu * args.batch_size))
+    total = args.epochs * iters_per_epoch
+    last = min(total, args.max_iter) if args.max_iter is not None else total
+    eval_every = args.eval_interval or args.eval_freq * iters_per_epoch
+    start, best = 0, -1.0
+    state = run.resume_state
+    if state is not None:
+        if not (np.array_equal(np.asarray(state["x_index"]), x_idx)
+                and np.array_equal(np.asarray(state["u_index"]), u_idx)):
+            raise UserError(f"{run.dir}/checkpoint.pt was trained on another labeled/unlabeled split: use the same "
+                            "index files, --num_labeled and --seed, or another --run_name")
+        if int(state.get("num_classes", num_classes)) != num_classes:
+            raise UserError(f"{run.dir}/checkpoint.pt has {state['num_classes']} classes, {args.root} has "
+                            f"{num_classes}: resume with the same dataset, or pass another --run_name")
+        try:
+            distributed.unwrap(model).load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UserError(f"{run.dir}/checkpoint.pt does not fit this model (--backbone {args.backbone}, --eman "
+                            f"{args.eman}): {str(e).splitlines()[0][:200]}") from None
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        qhat = state["qhat"].to(device)
+        x_stream.load_state_dict(state["x_stream"])
+        u_stream.load_state_dict(state["u_stream"])
+        start, best = int(state["step"]), float(state["best_top1"])
+        if dist.is_main:
+            runlib.set_rng_state(state["rng"])
+        else:  # only rank 0's RNG is saved; the others restart their augmentation streams from (seed, rank, step)
+            runlib.seed_everything(args.seed + 7919 * start, dist.rank, args.deterministic)
+
+    def save(step):
+        run.save_checkpoint({"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "qhat": qhat.cpu(), "step": step, "best_top1": best,
+                             "rng": runlib.rng_state(), "x_index": torch.from_numpy(x_idx),
+                             "u_index": torch.from_numpy(u_idx), "x_stream": x_stream.state_dict(),
+                             "u_stream": u_stream.state_dict(), "num_classes": num_classes})
+
+    def evaluate():
+        # The reference evaluates the student; the EMAN teacher is reported next to it. The RNG state is put back so
+        # that evaluating does not change the training randomness (resume equality).
+        rng = runlib.rng_state()
+        net = distributed.unwrap(model)
+        net.eval()
+        with runlib.autocast(device, args.amp):
+            top1, top5 = runlib.evaluate(net.main, test_loader, device)
+            teacher = runlib.evaluate(net.ema, test_loader, device) if net.ema is not None else None
+        net.train()
+        runlib.set_rng_state(rng)
+        return top1, top5, teacher
+
+    # training -----------------------------------------------------------------------------------------------
+    model.train()
+    x_iter, u_iter = iter(x_stream), iter(u_stream)
+    teacher_top1 = run.evals[-1].get("teacher_top1") if run.evals else None
+    sums, n_sums = {}, 0
+    for step in range(start, last):
+        t0 = time.time()
+        x, y, _ = next(x_iter)
+        u_views, u_y, u_i = next(u_iter)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        u_views = [v.to(device, non_blocking=True) for v in u_views]
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            u_views = [v.contiguous(memory_format=torch.channels_last) for v in u_views]
+        clip_target = clip_mask = None
+        if clip is not None:
+            rows = u_i.to(device)
+            clip_target, clip_mask = clip[0][rows], clip[1][rows].ge(args.clip_threshold).float()
+        data_s = time.time() - t0
+        lr = learning_rate(step, iters_per_epoch, total, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, parts, qhat, target, mask = train_step(model, optimizer, scaler, x, y, u_views, qhat, args, device,
+                                                     clip_target, clip_mask, forward)
+        runlib.check_finite(loss, step + 1, run)
+
+        # summed on the device and read every --print_freq iterations (no extra GPU syncs per iteration)
+        u_y = u_y.to(device)
+        stats = {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "mask": mask.mean(),
+                 "pseudo_acc": ((target == u_y).float() * mask).sum() / mask.sum().clamp_min(1), "data_s": data_s}
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_sums += 1
+        if (step + 1) % args.print_freq == 0 or step + 1 == last:
+            avg = {k: float(v) / n_sums for k, v in sums.items()}
+            run.log(step + 1, {**{f"train/{k}": v for k, v in avg.items() if k != "data_s"}, "train/lr": lr,
+                               "train/qhat_max": float(qhat.max()), "train/qhat_min": float(qhat.min()),
+                               "time/data_s": avg["data_s"]})
+            sums, n_sums = {}, 0
+        run.progress(step + 1, last, loss=float(loss), mask=float(mask.mean()), lr=lr)
+        if (step + 1) % eval_every == 0 or step + 1 == last:
+            top1, top5, teacher = evaluate()
+            best = max(best, top1)
+            extra_eval = {}
+            if teacher is not None:
+                teacher_top1 = teacher[0]
+                extra_eval = {"teacher_top1": teacher[0], "teacher_top5": teacher[1]}
+                run.log(step + 1, {"test/teacher_top1": teacher[0], "test/teacher_top5": teacher[1]})
+            run.log_eval(step + 1, top1, top5, epoch=(step + 1) / iters_per_epoch, **extra_eval)
+            save(step + 1)
+    if start >= last and dist.is_main:
+        print(f"[{run.name}] the checkpoint is already at iteration {start} of {last}: nothing to train", flush=True)
+    q = qhat.clamp_min(1e-30)
+    run.finish(iters=max(start, last), labeled=len(x_idx), unlabeled=len(u_idx), teacher_final_top1=teacher_top1,
+               qhat_entropy=float(-(q * q.log()).sum()), qhat_max_over_min=float(q.max() / q.min()))
+
+
+if __name__ == "__main__":
+    runlib.entry(main)
