@@ -22,6 +22,20 @@ from common import distributed
 
 
 # ---------------------------------------------------------------------------------------------------------------- flags
+def _spellings(names, kwargs):
+    """Add the dashed spelling of every `--snake_case` flag and the default to its help string."""
+    names = list(names)
+    for name in list(names):
+        if name.startswith("--") and "_" in name and name.replace("_", "-") not in names:
+            names.append(name.replace("_", "-"))
+    help_text = kwargs.get("help")
+    if help_text is not None and help_text != argparse.SUPPRESS and "default" not in help_text:
+        default = kwargs.get("default")
+        if not (kwargs.get("action") in ("store_true", "store_false") or default is None):
+            kwargs["help"] = f"{help_text} (default: {default})"
+    return names, kwargs
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that also accepts the dashed spelling of every `--snake_case` flag and shows defaults in --help."""
 
@@ -30,16 +44,18 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
-        names = list(names)
-        for name in list(names):
-            if name.startswith("--") and "_" in name and name.replace("_", "-") not in names:
-                names.append(name.replace("_", "-"))
-        help_text = kwargs.get("help")
-        if help_text is not None and help_text != argparse.SUPPRESS and "default" not in help_text:
-            default = kwargs.get("default")
-            if not (kwargs.get("action") in ("store_true", "store_false") or default is None):
-                kwargs["help"] = f"{help_text} (default: {default})"
+        names, kwargs = _spellings(names, kwargs)
         return super().add_argument(*names, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        plain = group.add_argument
+
+        def add_argument(*names, **kw):
+            names, kw = _spellings(names, kw)
+            return plain(*names, **kw)
+        group.add_argument = add_argument
+        return group
 
     def error(self, message):
         # One line and exit 2, like every other bad input.
@@ -173,14 +189,19 @@ def evaluate(forward, loader, device):
 
 # ----------------------------------------------------------------------------------------------------------- run folder
 def _versions():
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-         "numpy": np.__version__}
-    for name, module in (("torchvision", "torchvision"), ("dali", "nvidia.dali"), ("faiss", "faiss")):
-        try:
-            v[name] = __import__(module, fromlist=["__version__"]).__version__
-        except Exception:  # an optional package that is absent or fails to load is just not recorded
-            v[name] = None
-    return v
+    from importlib import metadata
+
+    def installed(*dists):  # read the package metadata: importing DALI or faiss just for this costs seconds
+        for d in dists:
+            try:
+                return metadata.version(d)
+            except metadata.PackageNotFoundError:
+                pass
+        return None
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+            "numpy": np.__version__, "torchvision": installed("torchvision"),
+            "dali": installed("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"),
+            "faiss": installed("faiss-gpu", "faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11")}
 
 
 class Run:

@@ -26,6 +26,10 @@ def test_parser_accepts_dashed_spelling_and_shows_defaults(tmp_path, capsys):
     assert parser.parse_args(["--batch_size", "9"]).batch_size == 9
     assert "(default: 64)" in parser.format_help()
     assert parser.parse_args(["--resume"]).resume == "auto"
+    assert parser.parse_args(["--run-name", "a"]).run_name == "a"  # flags added through argument groups too
+    group = parser.add_argument_group("method")
+    group.add_argument("--queue_size", type=int, default=32, help="keys per class")
+    assert parser.parse_args(["--queue-size", "4"]).queue_size == 4 and "(default: 32)" in parser.format_help()
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["--device", "tpu"])
     assert e.value.code == 2
