@@ -672,6 +672,7 @@ def main(argv=None):
     else:
         labels_name = f"{args.anno_percent * 100:g}p"
     run = runlib.Run(args, "debiaspl", args.dataset, labels_name, dist)
+    run.save_split(x_idx, x_set.ids)
 
     if args.dali:
         from common import dali

@@ -489,6 +489,7 @@ def main(argv=None):
     # Data first: a bad root or label ratio fails before any run folder is made.
     name = args.dataset or datasets.infer_name(args.root)
     labeled, unlabeled, test, tag = load_data(args, name)
+    split = labeled.source_index, labeled.ids  # saved in the run folder as labeled.csv
     if args.expand_label:  # REF: the labeled index list repeated ceil(B * test_interval / n) times
         labeled = labeled.subset(np.tile(np.arange(len(labeled)),
                                          math.ceil(args.batch_size * args.test_interval / len(labeled))))
@@ -531,6 +532,7 @@ def main(argv=None):
 
     # The fine-tuning baseline gets its own default run name, so both can run on the same data side by side.
     run = runlib.Run(args, "selftuning" if args.pgc else "selftuning-ft", name, tag, dist)
+    run.save_split(*split)
     start = 0
     if run.resume_state is not None:
         s = run.resume_state

@@ -311,6 +311,13 @@ class Run:
         if self.is_main:
             atomic_write(self.dir / name, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
+    def save_split(self, indices, ids):
+        """labeled.csv: the labeled training images as `Index,ImageID` rows (positions in the training set, in the
+        format every labeled-index flag reads, so a split can be reused as it is)."""
+        if self.is_main:
+            rows = "".join(f"{int(i)},{name}\n" for i, name in zip(indices, ids))
+            atomic_write(self.dir / "labeled.csv", lambda f: f.write(("Index,ImageID\n" + rows).encode()))
+
     def save_checkpoint(self, state):
         """Write checkpoint.pt atomically (a temporary file, then rename): a crash never leaves half a checkpoint."""
         if self.is_main:

@@ -292,6 +292,7 @@ def test_stanfordcars_end_to_end_with_pretrained_weights_from_the_hub_cache(cars
     assert 0 <= summary["final_top1"] <= summary["best_top1"] <= 100 and summary["iters"] == 3
     assert summary["labeled"] == 4 and summary["unlabeled"] == 20 and summary["ten_crop"]
     assert list(metrics(d)) == [1, 3]
+    assert len((d / "labeled.csv").read_text().splitlines()) == 1 + 4  # header + the 4 labeled images
     ck = load(d / "checkpoint.pt")
     assert ck["step"] == 3 and ck["queue"]["ptr"].sum() == 3 * 8   # 4 labeled + 4 unlabeled keys per iteration
     # The backbone started from the saved weights: 3 small SGD steps later it is still next to them, while a
