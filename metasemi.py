@@ -1,0 +1,615 @@
+"""MetaSemi: Semi-Supervised Learning with Meta-Gradient (Xiao, Zhang, Zhang, Xu, Sun, Zheng; AISTATS 2021).
+
+Paper: https://proceedings.mlr.press/v130/xiao21a.html (arXiv 2007.03966). Reference code: Sakura03/SemiMeta.
+
+Idea. The pseudo-labels of the unlabeled batch are treated as free variables chosen so that one SGD step on them
+would lower the loss on the labeled batch. Online, per mini-batch: start from the model's own eval-mode
+predictions p = softmax(f(x_u)); take d = grad of the labeled cross-entropy over all parameters; the meta-gradient
+of the labeled loss with respect to the pseudo-labels is proportional to J d (J = dp/dtheta), approximated by a
+central finite difference g = (p(theta + eps d) - p(theta - eps d)) / eps with ||eps d|| = --epsilon; the
+pseudo-labels move to y = p - lr * g (the current learning rate as step), clamped at zero and renormalised per row.
+The network is then trained on mixup of labeled with unlabeled images (soft targets lam onehot(y_l) + (1-lam) y)
+plus a consistency term ||softmax(f(x_u)) - y||^2 whose weight ramps up linearly. `--meta_grad jvp` computes
+J d exactly with torch.func.jvp instead of the finite difference.
+
+Launch (paper recipes; every setting is in docs/metasemi.run.sh):
+  1 GPU:   python metasemi.py --root ./data/cifar10 --dataset cifar10 --num_label 4000 --arch convlarge \\
+               --mix_up --alpha 1.0 --seed 8469 --weight_decay 1e-4
+  N GPUs:  torchrun --nproc_per_node 8 metasemi.py --root ./imagenet_rec --dataset imagenet --arch resnet18 \\
+               --dali --batch_size 512 --alpha 1.0          # 8 x 64 labeled + 8 x 64 unlabeled, 600 epochs
+  CPU:     python metasemi.py --root ./data/svhn --dataset svhn --num_label 1000 --mix_up --alpha 0.1 \\
+               --device cpu --max_iter 100 --workers 2
+ImageNet-style roots: RecordIO as the reference (train_label / train_unlabel / val .rec + .idx; the folders that
+split_imagenet.py makes are packed with `python -m common.dali pack D/labeled D/train_label --classes_from D/train`
+and likewise for unlabeled and val), or image folders train/ + val/ with a class-balanced labeled split of
+--num_label images drawn from --seed, the rest unlabeled. Without --dali both are read with torchvision.
+"""
+import argparse
+import contextlib
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from common import UserError, backbones, dali, datasets
+from common import distributed as D
+from common import run as R
+
+SMALL = ('cifar10', 'cifar100', 'svhn')
+LARGE = ('imagenet', 'imagefolder')
+
+
+# ------------------------------------------------------------------------------------------------------------- flags
+def parse_args(argv=None):
+    p = R.Parser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("data")
+    g.add_argument("--root", "--data_path", "--data", default="./data",
+                   help="dataset folder (CIFAR/SVHN files, or an ImageNet-style RecordIO / image-folder root)")
+    g.add_argument("--dataset", default=None, choices=SMALL + LARGE,
+                   help="dataset (default: inferred from the basename of --root)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download CIFAR/SVHN into --root when missing")
+    g.add_argument("--num_label", type=int, default=None,
+                   help="labeled images, class-balanced, drawn from --seed (default: 4000 on CIFAR/SVHN; for an "
+                        "ImageNet train/ folder 10%% of it rounded down to a multiple of the class count)")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="GLOBAL batch, the same for the labeled and the unlabeled stream (default: 128 on CIFAR/SVHN, "
+                        "512 = 8 GPUs x 64 on ImageNet)")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help="GLOBAL test batch (default: 100 on CIFAR/SVHN, 50 per process on ImageNet)")
+    g.add_argument("--workers", "--num_workers", "-j", type=int, default=4,
+                   help="data-loading processes per rank (DALI threads with --dali)")
+    g.add_argument("--dali", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode and augment ImageNet-style data with DALI (on the GPU when --device is cuda)")
+    g.add_argument("--imcrop", type=int, default=None,
+                   help="ImageNet: training and validation crop; validation resizes the shorter side to "
+                        "crop * 256 / 224 first (default: 224, after a resize to 256)")
+    g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
+
+    g = p.add_argument_group("model and method")
+    g.add_argument("--arch", "--backbone", "-a", "--architecture", default=None,
+                   help="backbone (default: convlarge on CIFAR/SVHN, resnet18 on ImageNet)")
+    g.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
+                   help="start the backbone from torchvision weights (no value) or a local checkpoint (default: "
+                        "random init, as in the paper)")
+    g.add_argument("--meta", action=argparse.BooleanOptionalAction, default=True,
+                   help="the meta step; --no-meta trains on the plain eval-mode predictions (ablation)")
+    g.add_argument("--meta_grad", default="fd", choices=["fd", "jvp"],
+                   help="meta-gradient: fd = central finite difference of the reference, jvp = exact (torch.func)")
+    g.add_argument("--epsilon", type=float, default=0.01, help="global L2 norm of the finite-difference step")
+    g.add_argument("--mix_up", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixup of labeled with unlabeled images and soft targets (default: off on CIFAR/SVHN as in "
+                        "the reference, on for ImageNet; every reported result uses it)")
+    g.add_argument("--alpha", type=float, default=1.0, help="Beta(alpha, alpha) of the mixup coefficient")
+    g.add_argument("--weight", type=float, default=1.0,
+                   help="consistency weight (ramped up over --warmup steps on CIFAR/SVHN, constant on ImageNet)")
+
+    g = p.add_argument_group("optimisation and schedule")
+    g.add_argument("--lr", "--learning_rate", type=float, default=0.1, help="peak learning rate (also the meta step)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", "--wd", type=float, default=1e-4, help="weight decay on every parameter")
+    g.add_argument("--total_steps", type=int, default=None,
+                   help="length of the schedule in iterations (default: 400000 on CIFAR/SVHN, --epochs x "
+                        "iterations per unlabeled epoch on ImageNet)")
+    g.add_argument("--epochs", type=int, default=None, help="ImageNet: unlabeled epochs of the schedule (default: 600)")
+    g.add_argument("--max_iter", type=int, default=None,
+                   help="stop after this many iterations without changing the schedule (default: run it all)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear LR warmup: steps on CIFAR/SVHN (also the consistency ramp-up; default 4000), "
+                        "epochs on ImageNet (default 5)")
+    g.add_argument("--milestones", nargs="+", type=int, default=None,
+                   help="CIFAR/SVHN: steps where the LR is multiplied by --gamma (default: 300000 350000)")
+    g.add_argument("--gamma", type=float, default=None, help="CIFAR/SVHN: LR decay factor at milestones (default: 0.1)")
+    g.add_argument("--seed", type=int, default=1234, help="seed of the labeled split, the data order and the init")
+    g.add_argument("--eval_interval", "--test_freq", type=int, default=None,
+                   help="iterations between test evaluations and checkpoints (default: 400 on CIFAR/SVHN, one "
+                        "epoch on ImageNet)")
+    g.add_argument("--print_freq", type=int, default=100, help="iterations between train/* scalars")
+    R.add_standard_flags(p)
+    args = p.parse_args(argv)
+    if args.local_rank is not None:  # the deprecated launcher passes --local-rank; torchrun sets the environment
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    for name in ("batch_size", "eval_batch_size", "total_steps", "epochs", "max_iter", "eval_interval", "num_label",
+                 "imcrop", "print_freq"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UserError(f"--{name} must be positive, got {v}")
+    if args.alpha <= 0 or args.epsilon <= 0:
+        raise UserError("--alpha and --epsilon must be positive")
+    return args
+
+
+def resolve_defaults(args):
+    """Fill the dataset-dependent defaults; refuse flags that the chosen dataset's recipe has no use for."""
+    small = args.dataset in SMALL
+    kind = "CIFAR/SVHN" if small else "ImageNet-style data"
+    for flag, only_small in (("epochs", False), ("imcrop", False), ("milestones", True), ("gamma", True)):
+        if getattr(args, flag) is not None and only_small != small:
+            raise UserError(f"--{flag} does not apply to {kind} ({args.dataset}): "
+                            + {"epochs": "use --total_steps", "imcrop": "CIFAR/SVHN images stay 32 x 32"}.get(
+                                flag, "ImageNet uses a cosine schedule"))
+    if small and args.dali:
+        raise UserError("--dali reads ImageNet-style data (RecordIO or image folders); CIFAR/SVHN load without it")
+    if not small and args.download:
+        raise UserError("--download fetches CIFAR/SVHN only: get ImageNet from https://image-net.org")
+    if not small and args.total_steps and args.epochs:
+        raise UserError("--total_steps and --epochs both set the schedule length: pass one of them")
+    args.arch = args.arch or ("convlarge" if small else "resnet18")
+    args.mix_up = (not small) if args.mix_up is None else args.mix_up
+    args.batch_size = args.batch_size or (128 if small else 512)
+    if small:
+        args.num_label = 4000 if args.num_label is None else args.num_label
+        args.warmup = 4000 if args.warmup is None else args.warmup
+        args.milestones = [300000, 350000] if args.milestones is None else args.milestones
+        args.gamma = 0.1 if args.gamma is None else args.gamma
+        args.total_steps = args.total_steps or 400000
+        args.eval_interval = args.eval_interval or 400
+        args.eval_batch_size = args.eval_batch_size or 100
+    else:
+        args.epochs = args.epochs or 600
+        args.imcrop = args.imcrop or 224
+        args.warmup = 5 if args.warmup is None else args.warmup
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ augmentations
+def small_transforms(name):
+    """Reference dataloader.py: crop 32 with 4 px zero padding, flip (not for SVHN: digits), normalise."""
+    import torchvision.transforms as T
+    mean, std = datasets.MEAN_STD[name]  # the reference's constants (dataloader.py)
+    train = [T.RandomCrop(32, padding=4)] + ([] if name == "svhn" else [T.RandomHorizontalFlip()])
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(train + norm), T.Compose(norm)
+
+
+def imagenet_transforms(crop=224):
+    """torchvision twin of the reference DALI pipelines (used without --dali): random-resized crop with area
+    [0.1, 1] and aspect [0.8, 1.25] stretched to crop x crop, flip; validation resize shorter side + centre crop."""
+    import torchvision.transforms as T
+    norm = [T.ToTensor(), T.Normalize(*datasets.MEAN_STD["imagenet"])]
+    train = T.Compose([T.RandomResizedCrop(crop, scale=(0.1, 1.0), ratio=(0.8, 1.25)), T.RandomHorizontalFlip()]
+                      + norm)
+    val = T.Compose([T.Resize(round(crop * 256 / 224)), T.CenterCrop(crop)] + norm)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+class Classifier(nn.Module):
+    """Backbone feature extractor + linear head (ConvLarge's fc is Linear(128, C); ResNet-18's Linear(512, C))."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(backbone.feature_dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x))
+
+
+# --------------------------------------------------------------------------------------------------------- meta step
+@contextlib.contextmanager
+def exact_fp32():
+    """Full fp32 for the meta step: no autocast and no TF32. The finite difference moves every weight by ~1e-5
+    relative, the size of TF32's rounding, so TF32 convolutions would swamp the signal (spec section 7.1)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def project_rows(y):
+    """Clamp at zero, then divide each row by its sum; a row that sums to zero stays all-zero (the reference's
+    projection, not the Euclidean projection onto the simplex)."""
+    y = y.clamp_min(0)
+    s = y.sum(1, keepdim=True)
+    return torch.where(s > 0, y / torch.where(s > 0, s, torch.ones_like(s)), y)
+
+
+def meta_direction(model, x_l, y_l, x_u, epsilon=0.01, meta_grad="fd"):
+    """The meta-gradient part of train_meta.py, in eval mode and full fp32, on the unwrapped model.
+
+    Returns (p, g, logits_l): p = softmax(f(x_u)) in eval mode, g ~ 2 J d with J = dp/dtheta and d = the gradient
+    of CE(f(x_l), y_l) over every trainable parameter (convs, BN affine, fc), and the eval-mode labeled logits.
+    fd: g = (p(theta + eps d) - p(theta - eps d)) / eps with eps = epsilon / ||d||; jvp: g = 2 J d exactly.
+    The weights are never touched: the perturbed weights are separate tensors fed through functional_call (the
+    reference perturbs in place, +eps, -2eps, +eps, which leaves theta off by rounding; spec section 7.2).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with exact_fp32():
+            names, params = zip(*[(n, q) for n, q in model.named_parameters() if q.requires_grad])
+            logits_l = model(x_l)
+            d = torch.autograd.grad(F.cross_entropy(logits_l, y_l), params)
+            with torch.no_grad():
+                if meta_grad == "fd":
+                    p = F.softmax(model(x_u), 1)
+                    # eps stays a tensor: no host sync (the reference passed a CUDA scalar as add_'s alpha, 7.6).
+                    # A zero gradient gives g = 0 rather than 0/0.
+                    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(d)))
+                    eps = epsilon / norm.clamp_min(1e-12)
+                    step = torch._foreach_mul(d, eps)
+                    plus = dict(zip(names, torch._foreach_add(params, step)))
+                    minus = dict(zip(names, torch._foreach_sub(params, step)))
+                    p_plus = F.softmax(functional_call(model, plus, (x_u,)), 1)
+                    p_minus = F.softmax(functional_call(model, minus, (x_u,)), 1)
+                    g = (p_plus - p_minus) / eps  # ~ 2 J d (slides' Algorithm 2 drops the alpha/B factor)
+                elif meta_grad == "jvp":
+                    # Forward-mode AD gives J d exactly; its primal output is p, so no separate forward is needed.
+                    def probs(ps):
+                        return F.softmax(functional_call(model, ps, (x_u,)), 1)
+                    primal = {n: q.detach() for n, q in zip(names, params)}
+                    with warnings.catch_warnings():  # torch.func scripts its decompositions once (FutureWarning)
+                        warnings.filterwarnings("ignore", category=FutureWarning)
+                        p, jd = torch.func.jvp(probs, (primal,), (dict(zip(names, d)),))
+                    g = 2 * jd
+                else:
+                    raise ValueError(f"meta_grad must be 'fd' or 'jvp', got {meta_grad!r}")
+    finally:
+        model.train(was_training)
+    return p, g, logits_l.detach()
+
+
+def meta_pseudo_labels(model, x_l, y_l, x_u, lr, epsilon=0.01, meta_grad="fd"):
+    """Returns (p, y_hat, logits_l) with y_hat = project_rows(p - lr * g): a first-order look-ahead of the
+    predictions after a labeled descent step; the meta step size is the current learning rate (spec 1.2)."""
+    p, g, logits_l = meta_direction(model, x_l, y_l, x_u, epsilon, meta_grad)
+    return p, project_rows(p - lr * g), logits_l
+
+
+@torch.no_grad()
+def plain_pseudo_labels(model, x_u):
+    """The step without meta-gradient: pseudo-labels = the eval-mode predictions (used by --no-meta)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with exact_fp32():
+            p = F.softmax(model(x_u), 1)
+    finally:
+        model.train(was_training)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+def sample_lambda(n, alpha):
+    """One mixup coefficient per sample, Beta(alpha, alpha), drawn on the CPU generator (device-independent);
+    no max(lam, 1 - lam) trick, as in the reference."""
+    return torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((n, 1))
+
+
+def mixup(x_l, y_l, x_u, y_u, lam, num_classes):
+    """Labeled sample i mixed with unlabeled sample i as delivered: images and soft targets, both detached."""
+    lam = lam.to(x_l.device)
+    x = lam.view(-1, 1, 1, 1) * x_l + (1 - lam.view(-1, 1, 1, 1)) * x_u
+    y = lam * F.one_hot(y_l, num_classes).float() + (1 - lam) * y_u
+    return x.detach(), y.detach()
+
+
+def soft_kl(logits, target):
+    """KL(target || softmax(logits)) summed over classes, mean over the batch (the reference's batchmean KLDiv)."""
+    return F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+
+
+def consistency(logits_u, y_hat):
+    """Squared error summed over classes (not divided by C), mean over the batch."""
+    return (F.softmax(logits_u.float(), 1) - y_hat).pow(2).sum(1).mean()
+
+
+def consistency_weight(step, weight, rampup):
+    """Linear ramp: weight * t / rampup for t <= rampup, then weight; rampup 0 = constant (ImageNet)."""
+    return weight * min(step / rampup, 1.0) if rampup > 0 else weight
+
+
+def training_loss(model, x_l, y_l, x_u, y_hat, num_classes, mix_up, lam, w):
+    """Two train-mode forwards, each with its own BN statistics: the mixed (or labeled) batch, then the unlabeled."""
+    if mix_up:
+        x_in, y_in = mixup(x_l, y_l, x_u, y_hat, lam, num_classes)
+        l_cls = soft_kl(model(x_in), y_in)
+    else:
+        l_cls = F.cross_entropy(model(x_l).float(), y_l)
+    l_cons = consistency(model(x_u), y_hat)
+    return l_cls + w * l_cons, l_cls.detach(), l_cons.detach()
+
+
+# --------------------------------------------------------------------------------------------------------- schedules
+def step_lr(t, base, warmup, milestones, gamma):
+    """CIFAR/SVHN: base * t / warmup for t < warmup (0 at t = 0), then base * gamma^(#milestones m with t > m)."""
+    if t < warmup:
+        return base * t / warmup
+    return base * gamma ** sum(t > m for m in milestones)
+
+
+def cosine_lr(t, base, warmup_iters, total_iters):
+    """ImageNet: the counter is incremented before use (it = t + 1); linear warmup to base at it = warmup_iters,
+    then half a cosine to 0 at it = total_iters."""
+    it = t + 1
+    if it <= warmup_iters:
+        return base * it / warmup_iters
+    return base * 0.5 * (1 + math.cos(math.pi * (it - warmup_iters) / max(total_iters - warmup_iters, 1)))
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def has_recordio(root):
+    return all((Path(root) / f"{p}.{e}").is_file()
+               for p in ("train_label", "train_unlabel", "val") for e in ("rec", "idx"))
+
+
+def build_data(args, dist):
+    """Labeled and unlabeled streams (the same global batch each), the test loader, and the split."""
+    root = Path(args.root).expanduser()
+    if args.dataset is None:
+        args.dataset = "imagenet" if has_recordio(root) else datasets.infer_name(root)
+    if args.dataset not in SMALL + LARGE:
+        raise UserError(f"metasemi.py runs on {', '.join(SMALL + LARGE)}, not {args.dataset}: pass --dataset")
+    resolve_defaults(args)
+    if args.batch_size % dist.world_size:
+        raise UserError(f"--batch_size {args.batch_size} (global) is not divisible by the {dist.world_size} processes")
+    if args.dataset in SMALL:
+        return small_data(args, dist, root)
+    return large_data(args, dist, root)
+
+
+def check_num_label(n, size, num_classes, name):
+    if n > size:
+        raise UserError(f"--num_label {n} is larger than the {size} training images of {name}: choose fewer labels")
+    if n % num_classes:
+        raise UserError(f"--num_label {n} is not divisible by the {num_classes} classes of {name}: the labeled split "
+                        f"is class-balanced, choose a multiple of {num_classes}")
+
+
+def small_data(args, dist, root):
+    train = datasets.load(args.dataset, root, "train", download=args.download)
+    test = datasets.load(args.dataset, root, "test", download=args.download)
+    num_classes = train.num_classes
+    check_num_label(args.num_label, len(train), num_classes, args.dataset)
+    # Class-balanced from the seed; labeled images are excluded from the unlabeled pool, as in the reference.
+    # The draw is numpy's RandomState(seed), not the reference's python random walk: same rule, other indices.
+    lab_idx, unl_idx = datasets.class_balanced_split(train.targets, args.num_label, num_classes, args.seed,
+                                                     exclude_labeled=True, exact=True)
+    if len(unl_idx) == 0:
+        raise UserError(f"--num_label {args.num_label} labels the whole training set: no unlabeled images remain")
+    t_train, t_test = small_transforms(args.dataset)
+    test.transform = t_test
+    kw = dict(workers=args.workers, rank=dist.rank, world_size=dist.world_size,
+              pin_memory=dist.device.type == "cuda")
+    labeled = datasets.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
+    unlabeled = datasets.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size, args.seed + 1, **kw)
+    return dict(num_classes=num_classes, labeled_idx=lab_idx, labels=str(args.num_label),
+                labeled=labeled, unlabeled=unlabeled,
+                test=datasets.eval_loader(test, max(args.eval_batch_size // dist.world_size, 1), args.workers,
+                                          dist.rank, dist.world_size))
+
+
+def large_data(args, dist, root):
+    """ImageNet-style data: RecordIO (train_label / train_unlabel / val), or train/ + val/ image folders with a
+    class-balanced labeled split of --num_label images from --seed (the reference's split files are not public)."""
+    if args.dali and not dali.available():
+        raise UserError(dali.INSTALL_HINT)
+    args.eval_batch_size = args.eval_batch_size or 50 * dist.world_size
+    t_train, t_val = imagenet_transforms(args.imcrop)
+    dali_kw = dict(size=args.imcrop, rank=dist.rank, world_size=dist.world_size, threads=max(args.workers, 1),
+                   device=dist.device.type)
+    kw = dict(workers=args.workers, rank=dist.rank, world_size=dist.world_size, pin_memory=dist.device.type == "cuda")
+    if has_recordio(root):
+        if args.num_label is not None:
+            raise UserError("--num_label does not apply to a RecordIO root: the split is given by train_label.rec "
+                            "and train_unlabel.rec")
+        sets = {p: dali.RecordIOSet(root / p) for p in ("train_label", "train_unlabel", "val")}
+        num_classes = max(s.num_classes for s in sets.values())
+        lab_idx = sets["train_label"].keys  # the record keys identify the split
+        if args.dali:
+            # Different seeds for the two streams: the reference seeded both pipelines with 12 + device id (3.4).
+            labeled = dali.DaliStream(rec=root / "train_label", batch_size=args.batch_size, seed=args.seed, **dali_kw)
+            unlabeled = dali.DaliStream(rec=root / "train_unlabel", batch_size=args.batch_size, seed=args.seed + 1,
+                                        **dali_kw)
+            test = dali.DaliStream(rec=root / "val", views=("val",), batch_size=args.eval_batch_size, one_pass=True,
+                                   **dali_kw)
+        else:
+            labeled = datasets.BatchStream(sets["train_label"].subset(np.arange(len(sets["train_label"])), t_train),
+                                           args.batch_size, args.seed, **kw)
+            unlabeled = datasets.BatchStream(sets["train_unlabel"].subset(np.arange(len(sets["train_unlabel"])),
+                                                                          t_train),
+                                             args.batch_size, args.seed + 1, **kw)
+            sets["val"].transform = t_val
+            test = datasets.eval_loader(sets["val"], max(args.eval_batch_size // dist.world_size, 1), args.workers,
+                                        dist.rank, dist.world_size)
+        n_lab = len(sets["train_label"])
+    else:
+        train = datasets.load(args.dataset, root, "train")
+        val = datasets.load(args.dataset, root, "test")
+        num_classes = train.num_classes
+        if args.num_label is None:  # 10 % of the training set, a multiple of the class count (ImageNet: 128,000)
+            args.num_label = max(len(train) // 10 // num_classes, 1) * num_classes
+        check_num_label(args.num_label, len(train), num_classes, args.dataset)
+        lab_idx, unl_idx = datasets.class_balanced_split(train.targets, args.num_label, num_classes, args.seed,
+                                                         exclude_labeled=True, exact=True)
+        if len(unl_idx) == 0:
+            raise UserError(f"--num_label {args.num_label} labels the whole training set: no unlabeled images remain")
+        if args.dali:
+            files, targets = train.files, train.targets
+            labeled = dali.DaliStream(files=files, labels=targets, indices=lab_idx, batch_size=args.batch_size,
+                                      seed=args.seed, **dali_kw)
+            unlabeled = dali.DaliStream(files=files, labels=targets, indices=unl_idx, batch_size=args.batch_size,
+                                        seed=args.seed + 1, **dali_kw)
+            test = dali.DaliStream(files=val.files, labels=val.targets, views=("val",),
+                                   batch_size=args.eval_batch_size, one_pass=True, **dali_kw)
+        else:
+            labeled = datasets.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
+            unlabeled = datasets.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size,
+                                             args.seed + 1, **kw)
+            val.transform = t_val
+            test = datasets.eval_loader(val, max(args.eval_batch_size // dist.world_size, 1), args.workers,
+                                        dist.rank, dist.world_size)
+        n_lab = len(lab_idx)
+    return dict(num_classes=num_classes, labeled_idx=np.asarray(lab_idx, dtype=np.int64), labels=str(n_lab),
+                labeled=labeled, unlabeled=unlabeled, test=test)
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def train_step(net, model, opt, scaler, x_l, y_l, x_u, lr, w, args, num_classes, device):
+    """One iteration: pseudo-labels (meta step, or the plain eval-mode predictions with --no-meta), mixup and
+    consistency losses through `model` (DDP / compiled wrapper of `net`), one SGD step.
+
+    The meta step runs on the unwrapped `net` with the local labeled gradient d: no DDP hook and no collective,
+    which is also what the reference did (its autograd.grad through DDP never ran the reducer, spec section 5)."""
+    if args.meta:
+        p, y_hat, logits_l = meta_pseudo_labels(net, x_l, y_l, x_u, lr, args.epsilon, args.meta_grad)
+    else:
+        p = y_hat = plain_pseudo_labels(net, x_u)
+        logits_l = None
+    lam = sample_lambda(len(x_l), args.alpha) if args.mix_up else None
+    with R.autocast(device, args.amp):
+        loss, l_cls, l_cons = training_loss(model, x_l, y_l, x_u, y_hat, num_classes, args.mix_up, lam, w)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach(), l_cls, l_cons, p, y_hat, logits_l
+
+
+def gather_rng(dist):
+    """Every rank's RNG states (each rank draws its own mixup coefficients and augmentations)."""
+    state = R.rng_state()
+    if not D.is_distributed():
+        return [state]
+    out = [None] * dist.world_size
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = D.init(args.device)
+    device = dist.device
+    R.seed_everything(args.seed, dist.rank, args.deterministic)
+    data = build_data(args, dist)
+    num_classes, lab_stream, unl_stream = data["num_classes"], data["labeled"], data["unlabeled"]
+    iters_per_epoch = unl_stream.batches_per_pass  # the unlabeled stream defines the epoch (spec 3.4)
+    if args.dataset in SMALL:
+        warmup_iters, rampup = args.warmup, args.warmup
+        total = args.total_steps
+
+        def lr_at(t):
+            return step_lr(t, args.lr, warmup_iters, args.milestones, args.gamma)
+    else:
+        warmup_iters, rampup = args.warmup * iters_per_epoch, 0   # ImageNet: no consistency ramp-up
+        total = args.total_steps or args.epochs * iters_per_epoch
+        args.eval_interval = args.eval_interval or iters_per_epoch
+
+        def lr_at(t):
+            return cosine_lr(t, args.lr, warmup_iters, total)
+    end = min(total, args.max_iter) if args.max_iter else total
+
+    run = R.Run(args, "metasemi", args.dataset, data["labels"], dist)
+    backbone = backbones.build(args.arch, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint)
+    net = Classifier(backbone, num_classes).to(device)
+    model = D.wrap(net, dist)                       # training forwards (DDP averages gradients)
+    train_fwd = torch.compile(model) if args.compile else model
+    # Weight decay on every parameter, BN and biases included, as in the reference.
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = R.grad_scaler(device, args.amp)
+    start = 0
+    if run.resume_state is not None:
+        ck = run.resume_state
+        saved = ck["labeled_idx"].numpy() if torch.is_tensor(ck["labeled_idx"]) else np.asarray(ck["labeled_idx"])
+        if not np.array_equal(saved, data["labeled_idx"]):
+            raise UserError("the checkpoint was trained on another labeled split: resume with the same --root, "
+                            "--num_label and --seed")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        lab_stream.load_state_dict(ck["streams"]["labeled"])
+        unl_stream.load_state_dict(ck["streams"]["unlabeled"])
+        start = int(ck["step"])
+        states = ck["rng"]
+        if len(states) == dist.world_size:
+            R.set_rng_state(states[dist.rank])
+        else:  # another world size: fresh streams, still a function of the seed and the step
+            R.seed_everything(args.seed + start, dist.rank, args.deterministic)
+
+    def checkpoint(step):
+        rng = gather_rng(dist)
+        run.save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                             "step": step, "rng": rng, "labeled_idx": torch.from_numpy(data["labeled_idx"]),
+                             "streams": {"labeled": lab_stream.state_dict(), "unlabeled": unl_stream.state_dict()},
+                             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}})
+
+    def evaluate(step):
+        net.eval()
+        top1, top5 = R.evaluate(net, data["test"], device)
+        net.train()
+        run.log_eval(step, top1, top5)
+
+    if run.is_main:
+        print(f"[{run.name}] {args.dataset}: {data['labels']} labeled, {num_classes} classes, {args.arch}, "
+              f"{'meta ' + args.meta_grad if args.meta else 'no meta step'}, mixup {args.mix_up}, "
+              f"{iters_per_epoch} it/epoch, iterations {start}..{end} of {total}", flush=True)
+    net.train()
+    sums, n_sum, data_time, shown = None, 0, 0.0, {}
+    step = start
+    for step in range(start, end):
+        lr = lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        x_l, y_l, _ = next(lab_stream)
+        x_u, y_u, _ = next(unl_stream)
+        x_l, y_l = x_l.to(device, non_blocking=True), y_l.to(device, non_blocking=True)
+        x_u, y_u = x_u.to(device, non_blocking=True), y_u.to(device, non_blocking=True)
+        data_time += time.perf_counter() - t0
+
+        w = consistency_weight(step, args.weight, rampup)
+        loss, l_cls, l_cons, p, y_hat, logits_l = train_step(net, train_fwd, opt, scaler, x_l, y_l, x_u, lr, w,
+                                                             args, num_classes, device)
+
+        # Running means of the train figures, reduced over ranks every --print_freq iterations.
+        stats = torch.stack([loss.float(), l_cls, l_cons,
+                             (p.argmax(1) == y_u).float().mean(), (y_hat.argmax(1) == y_u).float().mean(),
+                             (y_hat - p).abs().sum(1).mean(),
+                             (logits_l.argmax(1) == y_l).float().mean() if logits_l is not None
+                             else torch.zeros((), device=device)])
+        sums = stats if sums is None else sums + stats
+        n_sum += 1
+        done = step + 1
+        evaluating = done % args.eval_interval == 0 or done == end
+        if done % args.print_freq == 0 or evaluating:
+            avg = D.all_reduce_mean(sums / n_sum).tolist()
+            # Checked on the rank mean, so every rank stops together, and before any checkpoint is written.
+            R.check_finite(avg[0], done, run)
+            shown = dict(zip(("loss", "cls", "cons", "pred_acc", "pl_acc", "pl_shift", "lab_acc"), avg))
+            run.log(done, {f"train/{k}": v for k, v in shown.items()} | {"train/lr": lr, "train/cons_weight": w,
+                                                                          "time/data_s": data_time / n_sum})
+            sums, n_sum, data_time = None, 0, 0.0
+        run.progress(done, end, **({"loss": shown["loss"], "pl_acc": shown["pl_acc"]} if shown else {}), lr=lr)
+        if evaluating:
+            evaluate(done)
+            checkpoint(done)
+    if not run.evals or run.evals[-1]["iter"] != end:  # resumed at the end: evaluate the final weights once
+        evaluate(end)
+        checkpoint(end)
+    figures = {}
+    if D.is_distributed():
+        # The meta step is local and never touches the weights, so DDP must keep every rank's weights identical:
+        # report the largest difference of a parameter checksum over ranks (0.0 expected; the reference drifted).
+        with torch.no_grad():
+            total_sum = torch.stack([q.double().sum() for q in net.parameters()]).sum().view(1)
+        sums_all = D.all_gather_cat(total_sum)
+        figures["rank_weight_spread"] = (sums_all.max() - sums_all.min()).item()
+    run.finish(**figures, iters=end, num_label=int(data["labels"]), meta=args.meta,
+               meta_grad=args.meta_grad if args.meta else None,
+               train_pl_acc=shown.get("pl_acc"), train_pred_acc=shown.get("pred_acc"))
+
+
+if __name__ == "__main__":
+    R.entry(main)

@@ -1,0 +1,324 @@
+"""metasemi.py: the meta step and its pieces on hand-made tensors, then end to end through the command line."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fakedata
+import metasemi as M
+from common import UserError, backbones
+from conftest import assert_ok, assert_user_error, run_script
+
+
+def tiny_net(smooth=True, dtype=torch.float32):
+    """Conv-BN-act-pool-dropout x2 -> linear, 4 classes; BN running stats made non-trivial by one train forward."""
+    act = (lambda: nn.Tanh()) if smooth else (lambda: nn.LeakyReLU(0.1))
+    pool = (lambda: nn.AvgPool2d(2)) if smooth else (lambda: nn.MaxPool2d(2))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(), pool(), nn.Dropout2d(0.5),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Softplus() if smooth else act(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).to(dtype)
+    net.train()
+    net(torch.randn(16, 3, 8, 8, dtype=dtype))
+    g = torch.Generator().manual_seed(1)
+    x_l = torch.randn(6, 3, 8, 8, generator=g, dtype=dtype)
+    y_l = torch.randint(0, 4, (6,), generator=g)
+    x_u = torch.randn(5, 3, 8, 8, generator=g, dtype=dtype)
+    return net, x_l, y_l, x_u
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------------- meta-gradient
+def test_fd_meta_gradient_converges_to_exact_jvp_in_float64():
+    # Central difference: error O(eps^2). On a smooth net in float64 (no rounding in the way) the relative error
+    # is ~2e-5 at the default ||eps d|| = 0.01 and drops 100x per 10x smaller eps.
+    net, x_l, y_l, x_u = tiny_net(dtype=torch.float64)
+    p_j, g_j, _ = M.meta_direction(net, x_l, y_l, x_u, meta_grad="jvp")
+    errs = []
+    for eps in (1e-2, 1e-3):
+        p_f, g_f, _ = M.meta_direction(net, x_l, y_l, x_u, epsilon=eps, meta_grad="fd")
+        assert torch.allclose(p_f, p_j, atol=1e-12)
+        errs.append(rel_err(g_f, g_j))
+    assert errs[0] < 1e-4, errs
+    assert 50 < errs[0] / errs[1] < 200, errs
+    assert g_j.abs().max() > 0.1  # a real signal, not zeros compared with zeros
+
+
+def test_fd_meta_gradient_agrees_with_jvp_in_float32():
+    # Default eps, fp32: smooth net within 1e-3 relative (measured 1.5e-5); a LeakyReLU/max-pool net within 5e-2
+    # (measured 1.2e-2: a 0.01 step crosses some kinks, where the difference quotient is not the derivative).
+    for smooth, tol in ((True, 1e-3), (False, 5e-2)):
+        net, x_l, y_l, x_u = tiny_net(smooth)
+        _, g_f, _ = M.meta_direction(net, x_l, y_l, x_u, meta_grad="fd")
+        _, g_j, _ = M.meta_direction(net, x_l, y_l, x_u, meta_grad="jvp")
+        assert rel_err(g_f, g_j) < tol, (smooth, rel_err(g_f, g_j))
+        # rows of g sum to 0: it is the derivative of probabilities that sum to 1
+        assert g_j.sum(1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("meta_grad", ["fd", "jvp"])
+def test_meta_step_leaves_weights_bit_identical(meta_grad):
+    net = M.Classifier(backbones.build("convlarge"), 10)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}  # parameters and BN buffers
+    torch.manual_seed(0)
+    x_l, y_l, x_u = torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.randn(3, 3, 32, 32)
+    p, y_hat, _ = M.meta_pseudo_labels(net, x_l, y_l, x_u, lr=0.1, meta_grad=meta_grad)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training  # mode restored
+    assert all(q.grad is None for q in net.parameters())  # d never lands in .grad
+    assert not torch.equal(p, y_hat) and torch.allclose(y_hat.sum(1), torch.ones(3))
+
+
+def test_meta_step_runs_in_fp32_without_autocast_or_tf32():
+    net, x_l, y_l, x_u = tiny_net()
+    plain = M.meta_direction(net, x_l, y_l, x_u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an outer --amp region must not reach the meta step
+        under_amp = M.meta_direction(net, x_l, y_l, x_u)
+    for a, b in zip(plain, under_amp):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+    try:
+        with M.exact_fp32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+
+
+def test_pseudo_label_update_is_p_minus_lr_g_projected():
+    net, x_l, y_l, x_u = tiny_net()
+    p, g, _ = M.meta_direction(net, x_l, y_l, x_u)
+    _, y_hat, _ = M.meta_pseudo_labels(net, x_l, y_l, x_u, lr=0.7)
+    assert torch.allclose(y_hat, M.project_rows(p - 0.7 * g), atol=1e-6)
+    _, y0, _ = M.meta_pseudo_labels(net, x_l, y_l, x_u, lr=0.0)  # lr 0 (the first warmup step): y_hat = p
+    assert torch.allclose(y0, p, atol=1e-7)
+
+
+def test_project_rows_by_hand():
+    y = torch.tensor([[0.5, -0.1, 0.3],    # clamp -> [0.5, 0, 0.3], sum 0.8 -> [0.625, 0, 0.375]
+                      [-0.2, -0.1, 0.0],   # all clamped to 0: sum 0, the row stays all-zero (no NaN)
+                      [0.2, 0.2, 0.6],     # already on the simplex: unchanged
+                      [1.0, 2.0, 1.0]])    # sum 4 -> [0.25, 0.5, 0.25]
+    out = M.project_rows(y)
+    want = torch.tensor([[0.625, 0, 0.375], [0, 0, 0], [0.2, 0.2, 0.6], [0.25, 0.5, 0.25]])
+    assert torch.allclose(out, want)
+    # the update with hand numbers: p = [0.5, 0.3, 0.2], g = [1, -2, 1]
+    p, g = torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[1.0, -2.0, 1.0]])
+    # lr 0.1: [0.4, 0.5, 0.1] (sum 1, unchanged); lr 0.3: [0.2, 0.9, -0.1] -> [0.2, 0.9, 0] / 1.1
+    assert torch.allclose(M.project_rows(p - 0.1 * g), torch.tensor([[0.4, 0.5, 0.1]]))
+    assert torch.allclose(M.project_rows(p - 0.3 * g), torch.tensor([[0.2 / 1.1, 0.9 / 1.1, 0.0]]))
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+def test_mixup_targets_by_hand():
+    x_l, x_u = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    y_l = torch.tensor([0, 2])
+    y_u = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    lam = torch.tensor([[0.25], [1.0]])
+    x, y = M.mixup(x_l, y_l, x_u, y_u, lam, 3)
+    # row 0: 0.25 * [1, 0, 0] + 0.75 * [0.2, 0.8, 0] = [0.4, 0.6, 0]; row 1: lam 1 -> the labeled one-hot [0, 0, 1]
+    assert torch.allclose(y, torch.tensor([[0.4, 0.6, 0.0], [0.0, 0.0, 1.0]]))
+    assert torch.allclose(x[0], torch.full((1, 2, 2), 0.25)) and torch.allclose(x[1], torch.ones(1, 2, 2))
+    torch.manual_seed(0)
+    lam = M.sample_lambda(10000, 0.1)
+    assert lam.shape == (10000, 1) and 0 <= lam.min() and lam.max() <= 1
+    assert abs(lam.mean().item() - 0.5) < 0.02 and (lam < 0.1).float().mean() > 0.3  # Beta(0.1, 0.1): U-shaped
+
+
+def test_losses_by_hand():
+    # KL([0.5, 0.5, 0] || softmax(0, 0, 0)) = 2 * 0.5 * ln(0.5 / (1/3)) = ln 1.5; batchmean over 2 equal rows
+    logits = torch.zeros(2, 3, requires_grad=True)
+    target = torch.tensor([[0.5, 0.5, 0.0]] * 2)
+    loss = M.soft_kl(logits, target)
+    assert math.isclose(loss.item(), math.log(1.5), rel_tol=1e-6)
+    loss.backward()  # gradient of the soft-target CE: (softmax - target) / B
+    assert torch.allclose(logits.grad, (torch.full((2, 3), 1 / 3) - target) / 2)
+    # consistency: softmax(0, 0) = [0.5, 0.5] vs [1, 0]: 0.25 + 0.25 = 0.5 (summed over classes, not / C);
+    # vs [0.5, 0.5]: 0. Mean over the batch: 0.25
+    assert math.isclose(M.consistency(torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [0.5, 0.5]])).item(), 0.25)
+
+
+def test_training_loss_is_cls_plus_weighted_consistency():
+    net, x_l, y_l, x_u = tiny_net()
+    net.eval()  # no dropout / batch statistics, so separate forwards agree
+    y_hat = M.project_rows(torch.rand(5, 4))
+    x_l, y_l = x_l[:5], y_l[:5]
+    total, l_cls, l_cons = M.training_loss(net, x_l, y_l, x_u, y_hat, 4, False, None, 0.3)
+    assert math.isclose(l_cls.item(), F.cross_entropy(net(x_l), y_l).item(), rel_tol=1e-6)
+    assert math.isclose(l_cons.item(), (F.softmax(net(x_u), 1) - y_hat).pow(2).sum(1).mean().item(), rel_tol=1e-6)
+    assert math.isclose(total.item(), l_cls.item() + 0.3 * l_cons.item(), rel_tol=1e-6)
+    lam = torch.ones(5, 1)  # lam 1: the mixed batch is the labeled batch with one-hot targets: KL = CE
+    _, mixed_cls, _ = M.training_loss(net, x_l, y_l, x_u, y_hat, 4, True, lam, 0.3)
+    assert math.isclose(mixed_cls.item(), l_cls.item(), rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------- schedules
+def test_rampup_values():
+    w = [M.consistency_weight(t, 1.0, 4000) for t in (0, 1000, 2000, 4000, 4001, 300000)]
+    assert w == [0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
+    assert M.consistency_weight(0, 2.0, 0) == 2.0  # ImageNet: no ramp
+
+
+def test_lr_schedules():
+    lr = [M.step_lr(t, 0.1, 4000, [300000, 350000], 0.1) for t in (0, 2000, 4000, 300000, 300001, 350001)]
+    assert np.allclose(lr, [0.0, 0.05, 0.1, 0.1, 0.01, 0.001])  # decay only for t > milestone
+    # cosine: it = t + 1; warmup 10 of 100 iterations
+    cos = [M.cosine_lr(t, 0.1, 10, 100) for t in (0, 9, 54, 99)]
+    assert np.allclose(cos, [0.01, 0.1, 0.05, 0.0])
+
+
+def test_convlarge_size_matches_the_reference():
+    count = lambda c: sum(q.numel() for q in M.Classifier(backbones.build("convlarge"), c).parameters())  # noqa
+    assert count(10) == 3121802 and count(100) == 3133412
+
+
+def test_reference_flag_spellings():
+    a = M.parse_args(["--data-path", "d", "--num-label", "1000", "-a", "convlarge", "--mix-up", "--alpha", "0.1",
+                      "--total-steps", "10", "--milestones", "5", "8", "--test-freq", "4", "--wd", "5e-5",
+                      "--batch-size", "16", "--max-iter", "3", "--meta-grad", "jvp"])
+    assert (a.root, a.num_label, a.arch, a.mix_up, a.alpha, a.total_steps, a.milestones, a.eval_interval,
+            a.weight_decay, a.batch_size, a.max_iter, a.meta_grad) == \
+        ("d", 1000, "convlarge", True, 0.1, 10, [5, 8], 4, 5e-5, 16, 3, "jvp")
+    a.dataset = "cifar10"
+    M.resolve_defaults(a)
+    assert (a.warmup, a.gamma, a.weight, a.epsilon, a.lr, a.seed) == (4000, 0.1, 1.0, 0.01, 0.1, 1234)
+    b = M.resolve_defaults(M.parse_args(["--dataset", "imagenet"]))
+    assert (b.arch, b.mix_up, b.batch_size, b.epochs, b.warmup) == ("resnet18", True, 512, 600, 5)
+
+
+# --------------------------------------------------------------------------------------------- command line runs
+@pytest.fixture(autouse=True)
+def restore_torch_flags():
+    """Runs made in this process (main(argv)) set global torch flags; give the next test a clean slate."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), \
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_rng_state(), \
+        torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess runs (OMP_NUM_THREADS=1): two threads on a busy 2-core box crawl
+    yield
+    torch.set_num_threads(saved[5])
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+    torch.set_rng_state(saved[4])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("metasemi_data")
+    return {"cifar": fakedata.write_cifar(d / "cifar", "cifar10"), "svhn": fakedata.write_svhn(d / "svhn"),
+            "base": d}
+
+
+def summary(logdir, name):
+    return json.loads((logdir / name / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("meta_grad", ["fd", "jvp"])
+def test_cifar10_command_line(data, tmp_path, env, meta_grad):
+    # The issue's command on tiny data (4 labels per class of 6, 2 iterations); the jvp run with a batch of 4.
+    batch = 8 if meta_grad == "fd" else 4
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40,
+                      "--arch", "convlarge", "--mix_up", "--alpha", 1.0, "--batch_size", batch, "--max_iter", 2,
+                      "--meta_grad", meta_grad, "--workers", 0, "--logdir", tmp_path, "--device", "cpu",
+                      "--print_freq", 1, env=env)
+    assert_ok(proc)
+    s = summary(tmp_path, "metasemi-cifar10-40-s1234")
+    assert s["iters"] == 2 and s["meta_grad"] == meta_grad and 0 <= s["final_top1"] <= 100
+    run = tmp_path / "metasemi-cifar10-40-s1234"
+    assert (run / "checkpoint.pt").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert len(ck["labeled_idx"]) == 40 and ck["step"] == 2
+
+
+def test_svhn_mat_command_line(data, tmp_path, env):
+    # The SVHN-1000 recipe's flags (alpha 0.1, weight decay 5e-5), shrunk; resnet18 at 32 px keeps it quick.
+    proc = run_script("metasemi.py", "--root", data["svhn"], "--num_label", 20, "--alpha", 0.1, "--mix_up",
+                      "--arch", "resnet18", "--batch_size", 4, "--max_iter", 2, "--warmup", 1, "--weight_decay", 5e-5,
+                      "--seed", 7788, "--workers", 0, "--logdir", tmp_path, "--device", "cpu", env=env)
+    assert_ok(proc)
+    assert summary(tmp_path, "metasemi-svhn-20-s7788")["iters"] == 2
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    # In process (main(argv) is what the command line runs) to spare three interpreter start-ups.
+    common = ["--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40, "--mix_up", "--arch", "resnet18",
+              "--batch_size", 8, "--workers", 0, "--device", "cpu", "--deterministic", "--warmup", 1,
+              "--eval_interval", 1, "--logdir", tmp_path]
+    common = [str(a) for a in common]
+    M.main(common + ["--max_iter", "3", "--run_name", "whole"])
+    M.main(common + ["--max_iter", "2", "--run_name", "cut"])
+    M.main(common + ["--max_iter", "3", "--run_name", "cut", "--resume", "auto"])
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]) for k in sa)
+    ma = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["iter"], m["top1"], m["top5"]) for m in ma] == [(m["iter"], m["top1"], m["top5"]) for m in mb]
+    assert len(ma) == 3
+
+
+def test_two_process_torchrun(data, tmp_path, env):
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40,
+                      "--mix_up", "--arch", "resnet18", "--batch_size", 8, "--max_iter", 2, "--warmup", 1,
+                      "--workers", 0, "--device", "cpu", "--logdir", tmp_path, "--print_freq", 1, env=env, torchrun=2)
+    assert_ok(proc)
+    s = summary(tmp_path, "metasemi-cifar10-40-s1234")
+    assert s["iters"] == 2 and math.isfinite(s["final_top1"])
+    assert s["rank_weight_spread"] == 0.0  # DDP kept both ranks' weights identical around the local meta steps
+    assert "lr 0.1" in proc.stdout  # the main rank alone prints; warmup over 1 step
+
+
+def test_recordio_imagenet_with_dali_on_cpu(data, tmp_path, env):
+    from common import dali
+    base = data["base"] / "inet"
+    root = fakedata.write_imagefolder(base / "folder", num_classes=3, per_class_train=6, per_class_val=2, size=36,
+                                      indexes=False)
+    classes = fakedata.wnids(3)
+    for w in classes:  # 2 labeled + 4 unlabeled images per class
+        for i, f in enumerate(sorted((root / "train" / w).iterdir())):
+            dst = base / ("labeled" if i < 2 else "unlabeled") / w
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst / f.name)
+    rec = base / "rec"
+    dali.pack_recordio(base / "labeled", rec / "train_label", classes=classes)
+    dali.pack_recordio(base / "unlabeled", rec / "train_unlabel", classes=classes)
+    dali.pack_recordio(root / "val", rec / "val", classes=classes)
+    args = ["--root", rec, "--arch", "resnet18", "--imcrop", 32, "--batch_size", 4, "--max_iter", 2, "--epochs", 2,
+            "--warmup", 1, "--device", "cpu", "--logdir", tmp_path]
+    proc = run_script("metasemi.py", *args, "--dali", "--workers", 1, env=env)
+    assert_ok(proc)
+    s = summary(tmp_path, "metasemi-imagenet-6-s1234")  # dataset inferred from the RecordIO files
+    assert s["iters"] == 2 and s["final_top5"] == 100.0  # 3 classes: top-5 covers all
+    assert "3 it/epoch" in proc.stdout  # 12 unlabeled records / batch 4: the unlabeled stream defines the epoch
+    # the same files without DALI (common.dali.RecordIOSet + torchvision), in process to save a start-up
+    M.main([*map(str, args), "--no-dali", "--workers", "0", "--run_name", "nodali", "--max_iter", "1"])
+    assert summary(tmp_path, "nodali")["iters"] == 1
+
+
+def test_bad_inputs(data, tmp_path, env):
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 45,
+                      "--batch_size", 8, "--max_iter", 2, "--workers", 0, "--device", "cpu", "--logdir", tmp_path,
+                      env=env)
+    assert_user_error(proc, "--num_label 45", "divisible", "10 classes")
+    assert not (tmp_path / "metasemi-cifar10-45-s1234").exists()  # nothing written for a refused run
+    base = ["--root", str(data["cifar"]), "--dataset", "cifar10", "--workers", "0", "--device", "cpu",
+            "--logdir", str(tmp_path)]
+    with pytest.raises(UserError, match="larger than the 60 training images"):
+        M.main(base + ["--num_label", "100"])
+    with pytest.raises(UserError, match="no unlabeled images remain"):
+        M.main(base + ["--num_label", "60"])
+    with pytest.raises(UserError, match="--epochs does not apply"):
+        M.main(base + ["--epochs", "3"])
