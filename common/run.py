@@ -31,7 +31,7 @@ def _spellings(names, kwargs):
     help_text = kwargs.get("help")
     if help_text is not None and help_text != argparse.SUPPRESS and "default" not in help_text:
         default = kwargs.get("default")
-        if not (kwargs.get("action") in ("store_true", "store_false") or default is None):
+        if not (kwargs.get("action") in ("store_true", "store_false") or default in (None, argparse.SUPPRESS)):
             kwargs["help"] = f"{help_text} (default: {default})"
     return names, kwargs
 
