@@ -1,0 +1,318 @@
+"""usl.py: kNN density, Lloyd k-means, the regularised selection, the random baseline, the command line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import usl
+from common import UserError, backbones, datasets
+from conftest import assert_ok, assert_user_error, run_script
+from fakedata import write_cifar, write_imagefolder
+
+
+# ------------------------------------------------------------------------------------------------- kNN density
+def test_knn_density_on_a_line():
+    # points 0, 1, 3 on a line, K = 2 (self included): squared distances
+    #   0: {0 (0), 1 (1)}   -> mean 0.5;  1: {1 (0), 0 (1)} -> 0.5;  3: {3 (0), 1 (4)} -> 2.0
+    x = np.array([[0, 0], [1, 0], [3, 0]], dtype=np.float32)
+    d, ids = usl.knn_distances(x, 2)
+    np.testing.assert_allclose(d, [[0, 1], [0, 1], [0, 4]], atol=1e-5)
+    assert ids[:, 0].tolist() == [0, 1, 2] and ids[2, 1] == 1
+    np.testing.assert_allclose(usl.density_mean_dist(d).numpy(), [0.5, 0.5, 2.0], atol=1e-5)
+
+
+def test_ivf_knn_is_close_to_exact():
+    rng = np.random.RandomState(0)
+    x = rng.randn(3000, 8).astype(np.float32)
+    exact, _ = usl.knn_distances(x, 10, 'flat')
+    approx, ids = usl.knn_distances(x, 10, 'ivf', nprobe=1000)  # every list probed: exact answers
+    np.testing.assert_allclose(approx, exact, rtol=1e-4, atol=1e-4)
+    assert (ids >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------ k-means
+def test_kmeans_init_is_the_reference_randperm():
+    torch.manual_seed(3)
+    ref = torch.randperm(100)[:7].numpy()
+    assert usl.kmeans_init(100, 7, 3).tolist() == ref.tolist()
+
+
+def test_kmeans_lloyd_rounds_by_hand():
+    # 1-D points 0, 1, 10, 11; centroids start at points 0 and 1.
+    # round 1: assign [0, 1, 1, 1] -> means 0 and (1 + 10 + 11) / 3 = 22/3
+    # round 2: point 1 is 1 from 0 and 6.33 from 22/3 -> [0, 0, 1, 1] -> means 0.5, 10.5
+    # round 3: same assignment -> the loop stops (rounds 4.. would repeat it)
+    x = np.array([[0], [1], [10], [11]], dtype=np.float32)
+    labels, c, rounds = usl.kmeans(x, 2, 1, init=np.array([0, 1]))
+    assert labels.tolist() == [0, 1, 1, 1]
+    np.testing.assert_allclose(c[:, 0], [0, 22 / 3], rtol=1e-6)
+    labels, c, rounds = usl.kmeans(x, 2, 50, init=np.array([0, 1]))
+    assert labels.tolist() == [0, 0, 1, 1] and rounds == 3
+    np.testing.assert_allclose(c[:, 0], [0.5, 10.5])
+
+
+def test_kmeans_empty_cluster_stays_empty_with_nan_centroid():
+    # two centroids start on the same point: every tie goes to the lower index, cluster 1 empties, its centroid is
+    # 0/0 = NaN (the reference) and no point joins it again
+    x = np.array([[5, 0], [5, 0], [0, 0], [1, 0]], dtype=np.float32)
+    labels, c, _ = usl.kmeans(x, 2, 10, init=np.array([0, 1]))
+    assert labels.tolist() == [0, 0, 0, 0]
+    assert np.isnan(c[1]).all() and np.allclose(c[0], x.mean(0))
+
+
+def test_kmeans_equals_brute_force_lloyd():
+    rng = np.random.RandomState(1)
+    x = (rng.randn(600, 6) + rng.randint(0, 4, (600, 1)) * 2).astype(np.float32)
+    init = usl.kmeans_init(600, 12, 5)
+    c = torch.from_numpy(x[init]).clone()
+    xt = torch.from_numpy(x)
+    for _ in range(40):  # the reference's loop, explicit distances
+        cl = ((xt[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+        c = torch.zeros_like(c).index_add_(0, cl, xt) / torch.bincount(cl, minlength=12).float()[:, None]
+    labels, cents, _ = usl.kmeans(x, 12, 40, init=init)
+    assert labels.tolist() == cl.tolist()
+    np.testing.assert_allclose(cents, c.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_kmeans_many_clusters_pruned_search_equals_brute_force():
+    # more than 64 clusters: after round 1 only the centroids within 2u of a point's centroid are searched
+    rng = np.random.RandomState(2)
+    x = (rng.randn(1500, 4) + rng.randint(0, 6, (1500, 1))).astype(np.float32)
+    init = usl.kmeans_init(1500, 80, 0)
+    c = torch.from_numpy(x[init]).clone()
+    xt = torch.from_numpy(x)
+    for _ in range(15):  # KeOps semantics: an empty cluster's NaN centroid is never the argmin
+        cl = torch.nan_to_num(((xt[:, None] - c[None]) ** 2).sum(-1), nan=float('inf')).argmin(1)
+        c = torch.zeros_like(c).index_add_(0, cl, xt) / torch.bincount(cl, minlength=80).float()[:, None]
+    labels, cents, _ = usl.kmeans(x, 80, 15, init=init)
+    assert labels.tolist() == cl.tolist()
+    np.testing.assert_allclose(cents, c.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- selection
+# cluster 0 = {a1 (1,0), a2 (-1,0)}, cluster 1 = {b (2,0)}; densities s = 1/mean_dist: a1 2.0, a2 1.9, b 1.0
+X = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0]])
+MEAN_DIST = torch.tensor([1 / 2.0, 1 / 1.9, 1.0])
+LABELS = np.array([0, 0, 1])
+
+
+def test_cifar_regulariser_moves_the_pick_away_from_the_other_cluster():
+    # pass 1 picks the density peaks [a1, b]. r_i = sum_j D_ij^-alpha (alpha 1), own-cluster pick masked to 1e10:
+    #   r_a1 = 1/d(a1,b) + 1e-10 = 1/1 + 1e-10;  r_a2 = 1/d(a2,b) + 1e-10 = 1/9 + 1e-10;  r_b = 1/1 + 1e-10
+    # R = (1 - momentum) r = 0.5 r; pass 2: a1: 2 - 1 * 0.5 = 1.5 < a2: 1.9 - 0.5/9 = 1.844 -> a2
+    picks, reg = usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'cifar', iters=2, lam=1.0, momentum=0.5, alpha=1.0,
+                                horizon=4.0 ** 2)
+    assert picks.tolist() == [1, 2]
+    np.testing.assert_allclose(reg.numpy(), 0.5 * np.array([1 + 1e-10, 1 / 9 + 1e-10, 1 + 1e-10]), rtol=1e-6)
+    # lambda 0, or one pass: the density peaks
+    assert usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'cifar', 2, 0.0, 0.5, 1.0, 16.0)[0].tolist() == [0, 2]
+    assert usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'cifar', 1, 1.0, 0.5, 1.0, 16.0)[0].tolist() == [0, 2]
+    # a horizon of 0.5 (squared) ignores b for both: a1 stays
+    picks, reg = usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'cifar', 2, 1.0, 0.5, 1.0, horizon=0.5)
+    assert picks.tolist() == [0, 2]
+
+
+def test_imagenet_regulariser_nearest_picks():
+    # horizon_num 2, alpha 0.5, momentum 0, exclude_same_cluster off: the own-cluster pick counts, zeros -> 1e10
+    #   r_a1 = (1e10)^-0.5 [itself] + 1^-0.5 [b] = 1 + 1e-5;  r_a2 = 4^-0.5 [a1] + 9^-0.5 [b] = 0.8333
+    # pass 2: a1: 2 - 1.00001 = 0.99999 < a2: 1.9 - 0.8333 = 1.0667 -> a2
+    picks, reg = usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'imagenet', 2, 1.0, 0.0, 0.5, horizon_num=2)
+    assert picks.tolist() == [1, 2]
+    np.testing.assert_allclose(reg.numpy()[:2], [1 + 1e-5, 0.5 + 1 / 3], rtol=1e-6)
+    # excluding the own cluster: r_a2 = 1e-5 [a1 masked] + 1/3 -> a2 still; r_a1 = 1e-5 + 1
+    picks, reg = usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'imagenet', 2, 1.0, 0.0, 0.5, horizon_num=2,
+                                exclude_same_cluster=True)
+    np.testing.assert_allclose(reg.numpy()[:2], [1 + 1e-5, 1e-5 + 1 / 3], rtol=1e-6)
+    # one pass = the reference's get_selection_without_reg: min mean distance per cluster
+    assert usl.usl_select(X, MEAN_DIST, LABELS, 2, 2, 'imagenet', 1, 1.0, 0.0, 0.5)[0].tolist() == [0, 2]
+
+
+def test_cluster_argmax_order_ties_and_empty_clusters():
+    u = torch.tensor([1.0, 3.0, 3.0, 0.5, 2.0])
+    labels = np.array([2, 0, 0, 2, 2])  # cluster 1 empty
+    assert usl.cluster_argmax(u, labels, 3, 5).tolist() == [1, 4]   # tie in cluster 0 -> first index
+    assert usl.cluster_argmax(u, labels, 3, 1).tolist() == [1]
+
+
+# -------------------------------------------------------------------------------------------- random baseline
+# The lists published in the USL README ("Random indices on CIFAR-10"), torchvision CIFAR-10 train order.
+PUBLISHED_RANDOM = {
+    1: [26247, 35067, 34590, 16668, 12196, 2600, 9047, 2206, 25607, 11606, 3624, 43027, 15190, 25816, 26370, 1281,
+        29433, 36256, 34217, 39950, 6756, 26652, 3991, 40312, 24580, 4949, 18783, 39205, 23784, 39508, 19062, 48140,
+        11314, 766, 39319, 15299, 10298, 25573, 18750, 19298],
+    2: [23656, 27442, 40162, 8459, 8051, 42404, 89, 1461, 13519, 42536, 20817, 45479, 3121, 36502, 40119, 35971, 8784,
+        14084, 4063, 18730, 17763, 29366, 43841, 10741, 3986, 40475, 8470, 35621, 30892, 27652, 35359, 24435, 47853,
+        8835, 6572, 36456, 8750, 21067, 4337, 24908],
+    5: [24166, 42699, 15927, 7473, 5070, 33926, 21409, 9495, 16235, 35747, 46288, 13560, 29644, 28992, 35350, 43077,
+        35757, 24106, 26555, 22478, 1951, 29145, 33373, 10043, 21988, 37116, 15760, 48939, 29761, 3702, 3273, 4175,
+        30998, 31012, 8754, 33953, 22206, 28896, 31669, 19275],
+}
+
+
+@pytest.mark.parametrize('seed', [1, 2, 5])
+def test_random_baseline_reproduces_published_cifar10_lists(seed):
+    assert usl.random_select(50000, 40, seed).tolist() == PUBLISHED_RANDOM[seed]
+
+
+def test_random_cifar100_list_extends_the_seed5_draw():
+    # README: the CIFAR-100 random list is the seed-5 draw with 400; its first 40 are the CIFAR-10 seed-5 list
+    assert usl.random_select(50000, 400, 5)[:40].tolist() == PUBLISHED_RANDOM[5]
+
+
+# -------------------------------------------------------------------------------------------------- command line
+def cld_checkpoint(path):
+    """A CLD-format checkpoint (DDP 'module.' keys under 'model', NormedLinear 'linear.weight' 512 x 128)."""
+    torch.manual_seed(0)
+    net = backbones.build('cifar_resnet18')
+    sd = {f'module.{k}': v for k, v in net.state_dict().items()}
+    sd['module.linear.weight'] = torch.randn(512, 128)
+    sd['module.groupDis.0.weight'] = torch.randn(512, 128)
+    torch.save({'model': sd, 'epoch': 200}, path)
+    return path
+
+
+def moco_checkpoint(path):
+    """A MoCo-v2/EMAN-format checkpoint for resnet18: 'module.encoder_q.*' with the fc.0/fc.2 projection head."""
+    torch.manual_seed(0)
+    net = backbones.build('resnet18')
+    sd = {f'module.encoder_q.{k}': v for k, v in net.state_dict().items()}
+    sd.update({'module.encoder_q.fc.0.weight': torch.randn(512, 512) * 0.05, 'module.encoder_q.fc.0.bias':
+               torch.zeros(512), 'module.encoder_q.fc.2.weight': torch.randn(128, 512) * 0.05,
+               'module.encoder_q.fc.2.bias': torch.zeros(128), 'module.encoder_k.conv1.weight': torch.zeros(1)})
+    torch.save({'state_dict': sd}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def cifar(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('usl_cifar')
+    root = write_cifar(tmp / 'cifar10', per_class_train=6)
+    return root, cld_checkpoint(tmp / 'cld.pth'), tmp
+
+
+def test_cli_cifar_end_to_end_cache_and_features(cifar, env, capsys):
+    root, ckpt, tmp = cifar
+    logdir = tmp / 'runs'
+    # 12 clusters for 10 picks: on 60 images a cluster can empty out (the reference's 2501-for-2500 remedy)
+    common = ['--root', root, '--dataset', 'cifar10', '--budget', 10, '--num_centroids', 12, '--knn_k', 5,
+              '--kmeans_iters', 20,
+              '--workers', 0, '--batch_size', 32, '--logdir', logdir, '--device', 'cpu']
+    proc = run_script('usl.py', '--pretrained', ckpt, *common, env=env)
+    assert_ok(proc)
+    run = logdir / 'usl-cifar10-10-s1'
+    picks = np.load(run / 'selected.npy')
+    assert len(picks) == 10 == len(set(picks.tolist())) and picks.max() < 60
+    train = datasets.load('cifar10', root, 'train')
+    sel = datasets.read_index_file(run / 'selected.csv', 60)
+    rest = datasets.read_index_file(run / 'unselected.csv', 60)
+    assert sel.tolist() == sorted(picks.tolist()) and sorted(sel.tolist() + rest.tolist()) == list(range(60))
+    assert (run / 'selected.csv').read_text().splitlines()[1] == f'{sel[0]},{train.ids[sel[0]]}'
+    summary = json.loads((run / 'summary.json').read_text())
+    counts = np.bincount(train.targets[picks], minlength=10)
+    assert summary['class_counts'] == counts.tolist() and summary['class_coverage'] == int((counts > 0).sum())
+    assert summary['feature_head'] == 'cld' and (run / 'selected.png').stat().st_size > 0
+    feats = np.load(run / 'memory_feats_list.npy')
+    assert feats.shape == (60, 128) and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=1e-5)
+    assert (run / 'd_knns_5.npy').exists() and (run / 'cluster_labels_10_1.npy').exists()
+
+    # a second run (in this process: no start-up cost) reuses every intermediate and selects the same images
+    usl.main([str(a) for a in ['--pretrained', ckpt, *common]])
+    assert capsys.readouterr().out.count('cache: reusing') == 3
+    assert np.load(run / 'selected.npy').tolist() == picks.tolist()
+
+    # the hand-off: debiaspl.py trains on the selection as written, no conversion
+    proc = run_script('debiaspl.py', '--root', root, '--dataset', 'cifar10', '--trainindex_x', run / 'selected.csv',
+                      '--max_iter', 1, '--batch_size', 4, '--mu', 1, '--backbone', 'wrn28_2', '--workers', 0,
+                      '--device', 'cpu', '--logdir', logdir, '--run_name', 'debiaspl', env=env)
+    assert_ok(proc)
+    ck = torch.load(logdir / 'debiaspl' / 'checkpoint.pt', weights_only=True)
+    assert sorted(ck['x_index'].tolist()) == sorted(picks.tolist())
+
+    # the same features through --features give the same selection
+    np.save(tmp / 'feats.npy', feats)
+    usl.main([str(a) for a in ['--features', tmp / 'feats.npy', '--no-normalize', *common, '--run_name', 'f']])
+    assert np.load(logdir / 'f' / 'selected.npy').tolist() == picks.tolist()
+    # rows are L2-normalised by default: features scaled by 3 select the same images
+    np.save(tmp / 'feats3.npy', 3 * feats)
+    usl.main([str(a) for a in ['--features', tmp / 'feats3.npy', *common, '--run_name', 'f3']])
+    assert np.load(logdir / 'f3' / 'selected.npy').tolist() == picks.tolist()
+
+
+def test_cli_random_baseline(cifar, env):
+    root, _, tmp = cifar
+    proc = run_script('usl.py', '--root', root, '--selection', 'random', '--budget', 7, '--seed', 2, '--logdir',
+                      tmp / 'runs', env=env)
+    assert_ok(proc)
+    picks = np.load(tmp / 'runs' / 'usl-cifar10-7-random-s2' / 'selected.npy')
+    assert picks.tolist() == np.random.RandomState(2).choice(60, 7, replace=False).tolist()
+
+
+def test_cli_imagenet_layout_folder(tmp_path, env):
+    root = write_imagefolder(tmp_path / 'imagenet', num_classes=3, per_class_train=6, size=32, indexes=False)
+    ckpt = moco_checkpoint(tmp_path / 'moco.pth.tar')
+    proc = run_script('usl.py', '--root', root, '--dataset', 'imagenet', '--pretrained', ckpt, '--backbone',
+                      'resnet18', '--image_size', 32, '--budget', 4, '--knn_k', 3, '--kmeans_iters', 10,
+                      '--workers', 0, '--batch_size', 8, '--logdir', tmp_path / 'runs', env=env)
+    assert_ok(proc)
+    run = tmp_path / 'runs' / 'usl-imagenet-4-s1'
+    args = json.loads((run / 'args.json').read_text())['flags']
+    assert args['reg_mode'] == 'imagenet' and args['reg_horizon_num'] == 128 and args['reg_lambda'] == 1.5
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['feature_head'] == 'moco' and sum(summary['class_counts']) == 4
+    lines = (run / 'selected.csv').read_text().splitlines()
+    assert lines[0] == 'Index,ImageID' and len(lines) == 5
+    train = datasets.load('imagenet', root, 'train')
+    for line in lines[1:]:
+        i, image_id = line.split(',')
+        assert train.ids[int(i)] == image_id and image_id.startswith('n') and image_id.endswith('.JPEG')
+
+
+def test_bad_budget_cli(cifar, env):
+    root, _, tmp = cifar
+    proc = run_script('usl.py', '--root', root, '--features', tmp / 'none.npy', '--budget', 0, '--logdir',
+                      tmp / 'bad', env=env)
+    assert_user_error(proc, '--budget 0', '1..60')
+    assert not (tmp / 'bad').exists()
+
+
+def main_error(*argv):
+    """The UserError (one line) that usl.main raises for argv; entry() turns it into 'error: ...' and exit 2."""
+    with pytest.raises(UserError) as e:
+        usl.main([str(a) for a in argv])
+    assert '\n' not in str(e.value)
+    return str(e.value)
+
+
+def test_bad_inputs(cifar, tmp_path):
+    root, _, _ = cifar
+    base = ['--root', root, '--logdir', tmp_path / 'runs', '--device', 'cpu']
+    assert '--budget 61' in main_error(*base, '--selection', 'random', '--budget', 61)
+    assert '--budget -1' in main_error(*base, '--selection', 'random', '--budget', -1)
+    np.save(tmp_path / 'short.npy', np.random.rand(59, 16).astype(np.float32))
+    msg = main_error(*base, '--features', tmp_path / 'short.npy', '--budget', 5, '--knn_k', 3)
+    assert 'short.npy' in msg and '(59, 16)' in msg and '60 images' in msg
+    msg = main_error(*base, '--budget', 5)
+    assert '--pretrained' in msg and '--features' in msg
+    assert '--reg_horizon_num' in main_error(*base, '--features', tmp_path / 'short.npy', '--reg_horizon_num', 3)
+    assert '--knn_k 400' in main_error(*base, '--features', tmp_path / 'short.npy', '--budget', 5)
+    assert '--num_centroids 4' in main_error(*base, '--features', tmp_path / 'short.npy', '--budget', 5,
+                                             '--num_centroids', 4)
+
+
+def test_torchrun_two_processes_embed_in_dataset_order(cifar, env):
+    root, ckpt, tmp = cifar
+    proc = run_script('usl.py', '--root', root, '--dataset', 'cifar10', '--pretrained', ckpt, '--budget', 6,
+                      '--num_centroids', 8, '--knn_k', 4, '--kmeans_iters', 5, '--workers', 0, '--batch_size', 16,
+                      '--logdir', tmp / 'runs', '--run_name', 'ddp', torchrun=2, env=env)
+    assert_ok(proc)
+    feats = np.load(tmp / 'runs' / 'ddp' / 'memory_feats_list.npy')
+    # the same network on one process, in dataset order
+    from common.distributed import Dist
+    net = usl.FeatureNet(backbones.build('cifar_resnet18', pretrained=str(ckpt)))
+    train = datasets.load('cifar10', root, 'train')
+    train.transform = usl.eval_transform('cifar10', None)
+    args = usl.parse_args(['--root', str(root), '--batch_size', '16', '--workers', '0'])
+    ref = usl.extract_features(net, train, args, Dist(0, 1, 0, torch.device('cpu'), True))
+    np.testing.assert_allclose(feats, ref, atol=1e-4)
+    assert len(np.load(tmp / 'runs' / 'ddp' / 'selected.npy')) == 6

@@ -1,0 +1,197 @@
+"""usl_t.py: the local and global losses on hand-made logits, re-seeding, selection rules, the command line."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import usl_t
+from common import UserError, backbones, datasets
+from conftest import assert_ok, run_script
+from fakedata import write_cifar, write_imagefolder
+
+
+def test_sharpen():
+    # [0.5, 0.25, 0.25] ^ (1 / 0.5) = [0.25, 0.0625, 0.0625] / 0.375 = [2/3, 1/6, 1/6]
+    out = usl_t.sharpen(torch.tensor([[0.5, 0.25, 0.25]]), 0.5)
+    torch.testing.assert_close(out, torch.tensor([[2 / 3, 1 / 6, 1 / 6]]))
+
+
+def test_local_loss_logit_adjustment_sharpening_and_marginal():
+    loss = usl_t.LocalLoss(num_clusters=2, num_heads=1, adjustment_weight=1.0, sharpen_temperature=0.5)
+    loss.prob_ema[0] = torch.tensor([0.8, 0.2])
+    anchors = torch.tensor([[math.log(3), 0.0]])    # softmax [0.75, 0.25]
+    neighbors = torch.tensor([[0.0, 0.0]])           # softmax [0.5, 0.5]
+    # target: softmax(z_n - log pi) = softmax(-log 0.8, -log 0.2) ∝ [1.25, 5] = [0.2, 0.8];
+    # sharpened (T 0.5): [0.04, 0.64] / 0.68 = [1/17, 16/17]
+    # KL = 1/17 log((1/17) / 0.75) + 16/17 log((16/17) / 0.25) = -0.149737 + 1.247689 = 1.097952
+    value = loss(0, anchors, neighbors)
+    assert value.item() == pytest.approx(1 / 17 * math.log(1 / 17 / 0.75) + 16 / 17 * math.log(16 / 17 / 0.25),
+                                         abs=1e-6)
+    assert value.item() == pytest.approx(1.097952, abs=1e-5)
+    # marginal, updated after the target: 0.5 [0.8, 0.2] + 0.5 [0.5, 0.5] = [0.65, 0.35]
+    torch.testing.assert_close(loss.prob_ema[0], torch.tensor([0.65, 0.35]))
+    # uniform marginal, T = 1: target = softmax(z_n) = [0.5, 0.5]; KL = 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25)
+    plain = usl_t.LocalLoss(2, 1, adjustment_weight=5.0, sharpen_temperature=1.0)
+    assert plain(0, anchors, neighbors).item() == pytest.approx(0.5 * math.log(2 / 3) + 0.5 * math.log(2), abs=1e-6)
+
+
+# weak probabilities: [.95, .05], [.95, .05], [.05, .95] pass a 0.9 threshold, [.6, .4] does not;
+# strong views: rows 0 and 2 logits [log 3, 0] (softmax [.75, .25]), row 1 [0, 0]
+WEAK = torch.tensor([[math.log(19), 0.0], [math.log(19), 0.0], [0.0, math.log(19)], [math.log(1.5), 0.0]])
+STRONG = torch.tensor([[math.log(3), 0.0], [0.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]])
+CE = [-math.log(0.75), math.log(2), -math.log(0.25)]   # per masked row: 0.287682, 0.693147, 1.386294
+
+
+def global_loss(**kw):
+    cfg = dict(threshold=0.9, reweight=True, reweight_renorm=False, mean_outside_mask=False, num_clusters=2,
+               num_heads=1)
+    cfg.update(kw)
+    return usl_t.GlobalLoss(**cfg)(0, WEAK, STRONG).item()
+
+
+def test_global_loss_reweighting_by_hand():
+    # n = 3 masked; counts: cluster 0 twice, cluster 1 once -> reweight w = n / count = [1.5, 3]
+    # sum w*CE / sum w = (1.5 * 0.287682 + 1.5 * 0.693147 + 3 * 1.386294) / 6 = 0.938354
+    # = the mean over clusters of their mean CE: ((0.287682 + 0.693147) / 2 + 1.386294) / 2
+    assert global_loss() == pytest.approx((1.5 * CE[0] + 1.5 * CE[1] + 3 * CE[2]) / 6, abs=1e-6)
+    assert global_loss() == pytest.approx(0.938354, abs=1e-5)
+    # no re-weighting: the mean CE of the masked rows (plain confidence-based self-labelling)
+    assert global_loss(reweight=False) == pytest.approx(sum(CE) / 3, abs=1e-6)
+    # divided by the batch size (4) instead of the weight sum
+    assert global_loss(mean_outside_mask=True) == pytest.approx((1.5 * CE[0] + 1.5 * CE[1] + 3 * CE[2]) / 4, abs=1e-6)
+    # renorm: w = n / (U count) = [0.75, 1.5]; scale-free with the weight-sum normalisation
+    assert global_loss(reweight_renorm=True) == pytest.approx(global_loss(), abs=1e-6)
+    assert global_loss(reweight_renorm=True, mean_outside_mask=True) == \
+        pytest.approx((0.75 * CE[0] + 0.75 * CE[1] + 1.5 * CE[2]) / 4, abs=1e-6)
+    # nothing confident: 0
+    assert global_loss(threshold=0.99) == 0.0
+
+
+def test_global_loss_count_ema():
+    g = usl_t.GlobalLoss(0.9, False, False, True, 2, 1, count_ema=True, data_len=300)
+    g(0, WEAK, STRONG)
+    # bincount [2, 1] / 3 * 300 = [200, 100]; 0.9 * [0.5, 0.5] + 0.1 * [200, 100] = [20.45, 10.45]
+    torch.testing.assert_close(g.count_ema[0], torch.tensor([20.45, 10.45]))
+
+
+def test_reassign_clusters():
+    head = torch.nn.Linear(3, 3)
+    counts = torch.tensor([50.0, 2000.0, 500.0])
+    assert usl_t.reassign_clusters(head, counts, 100, 1000)
+    torch.testing.assert_close(head.weight[0], head.weight[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(counts, torch.tensor([1000.0, 1000.0, 500.0]))
+    assert not usl_t.reassign_clusters(head, counts, 100, 1000)
+
+
+def test_select_cifar_confidence_and_empty_cluster():
+    # head 0 predicts clusters [0, 0, 1, 1, 0]; cluster 2 is empty
+    p0 = torch.tensor([[.6, .3, .1], [.8, .1, .1], [.2, .7, .1], [.1, .5, .4], [.5, .4, .1]])
+    p1 = torch.tensor([[.9, .05, .05], [.4, .3, .3], [.3, .6, .1], [.2, .6, .2], [.5, .3, .2]])
+    probs = torch.stack([p0, p1])
+    # mean over heads of their max: [.75, .6, .65, .55, .5]; cluster 0 -> image 0 (.75), cluster 1 -> image 2
+    picks, pred, conf = usl_t.select_cifar(probs, 0, 3, use_mean_prob=True)
+    assert picks.tolist()[:2] == [0, 2] and pred.tolist() == [0, 0, 1, 1, 0]
+    assert picks.tolist()[2] == 1      # empty cluster 2: the second best of cluster 0 fills the budget
+    # head 0 alone: [.6, .8, .7, .5, .5] -> cluster 0 -> image 1
+    assert usl_t.select_cifar(probs, 0, 2, use_mean_prob=False)[0].tolist() == [1, 2]
+
+
+def test_select_imagenet_largest_clusters_densest_and_pseudo_labels():
+    pred = np.array([2, 2, 2, 0, 0, 1])
+    mean_dist = np.array([0.3, 0.1, 0.2, 0.5, 0.4, 0.1])
+    targets = np.array([7, 8, 9, 3, 4, 5])
+    q, idx, lab = usl_t.select_imagenet(pred, mean_dist, targets, budget=2, per_cluster=2)
+    # largest clusters: 2 (3 images), then 0 (2); densest: image 1 (label 8) and image 4 (label 4)
+    assert q.tolist() == [1, 4]
+    assert idx.tolist() == [1, 2, 4, 3] and lab.tolist() == [8, 8, 4, 4]
+
+
+def test_knn_ids_first_column_is_self():
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    ids = usl_t.knn_ids(x, 2)
+    assert ids.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+
+
+# -------------------------------------------------------------------------------------------------- command line
+@pytest.fixture(scope='module')
+def cifar(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('uslt_cifar')
+    return write_cifar(tmp / 'cifar10', per_class_train=3, per_class_test=1), tmp
+
+
+SMALL = ['--dataset', 'cifar10', '--budget', 4, '--backbone', 'wrn28_2', '--batch_size', 8, '--num_neighbors', 3,
+         '--workers', 0, '--device', 'cpu', '--deterministic', '--eval_interval', 1]
+
+
+def test_cli_cifar_resume_equals_uninterrupted(cifar, env):
+    root, tmp = cifar
+    logdir = tmp / 'runs'
+    full = run_script('usl_t.py', '--root', root, *SMALL, '--max_iter', 4, '--logdir', logdir, '--run_name', 'full',
+                      env=env)
+    assert_ok(full)
+    half = run_script('usl_t.py', '--root', root, *SMALL, '--max_iter', 2, '--logdir', logdir, '--run_name', 'cut',
+                      env=env)
+    assert_ok(half)
+    rest = run_script('usl_t.py', '--root', root, *SMALL, '--max_iter', 4, '--logdir', logdir, '--run_name', 'cut',
+                      '--resume', 'auto', env=env)
+    assert_ok(rest)
+    a = torch.load(logdir / 'full' / 'checkpoint.pt', weights_only=True)
+    b = torch.load(logdir / 'cut' / 'checkpoint.pt', weights_only=True)
+    assert a['step'] == b['step'] == 4
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert torch.equal(a['local_loss']['prob_ema'], b['local_loss']['prob_ema'])
+    assert np.load(logdir / 'full' / 'selected.npy').tolist() == np.load(logdir / 'cut' / 'selected.npy').tolist()
+    sel = datasets.read_index_file(logdir / 'full' / 'selected.csv', 30)
+    assert len(sel) == 4
+    summary = json.loads((logdir / 'full' / 'summary.json').read_text())
+    assert sum(summary['class_counts']) == 4 and summary['iters'] == 4
+    metrics = [json.loads(l) for l in (logdir / 'full' / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['iter'] for m in metrics] == [1, 2, 3, 4] and all(0 <= m['top1'] <= 100 for m in metrics)
+
+
+def test_cli_imagenet_recipe_pseudo_labels(tmp_path, env):
+    root = write_imagefolder(tmp_path / 'imagenet', num_classes=3, per_class_train=4, per_class_val=1, size=32,
+                             indexes=False)
+    torch.manual_seed(0)
+    net = backbones.build('resnet18')
+    sd = {f'module.encoder_q.{k}': v for k, v in net.state_dict().items()}
+    sd.update({'module.encoder_q.fc.0.weight': torch.randn(64, 512) * 0.05, 'module.encoder_q.fc.0.bias':
+               torch.zeros(64), 'module.encoder_q.fc.2.weight': torch.randn(16, 64) * 0.1,
+               'module.encoder_q.fc.2.bias': torch.zeros(16)})
+    torch.save({'state_dict': sd}, tmp_path / 'moco.pth.tar')
+    proc = run_script('usl_t.py', '--root', root, '--dataset', 'imagenet', '--pretrained', tmp_path / 'moco.pth.tar',
+                      '--backbone', 'resnet18', '--image_size', 32, '--budget', 3, '--num_clusters', 5,
+                      '--batch_size', 6, '--max_iter', 2, '--num_neighbors', 2, '--knn_k', 3, '--pseudo_per_cluster',
+                      2, '--workers', 0, '--reassign_after_steps', 0, '--logdir', tmp_path / 'runs', env=env)
+    assert_ok(proc)
+    run = tmp_path / 'runs' / 'usl_t-imagenet-3-s42'
+    args = json.loads((run / 'args.json').read_text())['flags']
+    assert args['head'] == 'normed' and args['update_head_only'] and args['adjustment_weight'] == 2.5
+    ck = torch.load(run / 'checkpoint.pt', weights_only=True)
+    train = datasets.load('imagenet', root, 'train')
+    # heads only: the backbone is the checkpoint's
+    torch.testing.assert_close(ck['model']['backbone.conv1.weight'], net.conv1.weight)
+    lines = (run / 'pseudo_labels.csv').read_text().splitlines()
+    assert lines[0] == 'Index,ImageID,PseudoLabel'
+    idx, labels, _ = datasets.read_pseudo_label_csv(run / 'pseudo_labels.csv', len(train), 3)
+    queried = np.load(run / 'selected.npy')
+    assert set(queried.tolist()) <= set(idx.tolist()) and 1 <= len(queried) <= 3
+
+
+def test_bad_inputs(cifar, tmp_path):
+    root, _ = cifar
+
+    def error(*argv):
+        with pytest.raises(UserError) as e:
+            usl_t.main([str(a) for a in argv])
+        return str(e.value)
+
+    base = ['--root', root, '--logdir', tmp_path / 'runs', '--device', 'cpu', '--workers', 0]
+    assert '--budget 0' in error(*base, '--budget', 0)
+    assert '--budget 31' in error(*base, '--budget', 31)
+    np.save(tmp_path / 'nb.npy', np.zeros((29, 21), dtype=np.int64))
+    msg = error(*base, '--budget', 4, '--backbone', 'wrn28_2', '--neighbors', tmp_path / 'nb.npy')
+    assert 'nb.npy' in msg and '(29, 21)' in msg and '30 rows' in msg
