@@ -162,6 +162,24 @@ def parse_args(argv=None):
     return args
 
 
+def inherit_from_run_folder(args):
+    """A later stage on an existing run folder (--run_name given) keeps that run's seeds, network and image size unless
+    the flags say otherwise: those flags default to None, and args.json of the folder has the values used."""
+    keys = ("num_labeled", "labeled_file", "backbone", "image_size", "dataset")
+    if not args.run_name or any(getattr(args, k) is not None for k in keys[:2]):
+        keys = keys[2:]
+    path = Path(args.logdir) / args.run_name / "args.json" if args.run_name else None
+    if path is None or not path.is_file():
+        return
+    try:
+        flags = json.loads(path.read_text()).get("flags", {})
+    except ValueError:
+        return
+    for k in keys:
+        if getattr(args, k) is None and flags.get(k) is not None:
+            setattr(args, k, flags[k])
+
+
 def set_defaults(args, train):
     """Recipe defaults that depend on the dataset (CIFAR: unsupervised/cifar.py + cifar-semi.py; ImageNet: lemniscate
     + imagenet-semi.py)."""
@@ -1093,6 +1111,7 @@ def run_finetune(args, run, dist, train, test, tfs, state):
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
+    inherit_from_run_folder(args)
     dist = distributed.init(args.device)
     runlib.seed_everything(args.seed, dist.rank, args.deterministic)
     if args.dataset is None:

@@ -243,7 +243,7 @@ def cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_run(cifar, tmp_path_factory):
-    """The issue's command: --stage all on tiny CIFAR-10 (60 train images), kNN propagation."""
+    """--stage all on a tiny CIFAR-10 (60 train images) with kNN propagation, in one run folder."""
     logdir = tmp_path_factory.mktemp("mt_runs")
     env = script_env(tmp_path_factory.mktemp("mt_env"))
     proc = run_script("metric_transfer.py", "--stage", "all", "--root", cifar, "--dataset", "cifar10",
@@ -269,9 +269,9 @@ def test_stage_all_then_spectral_propagation_on_the_same_folder(base_run, cifar)
     stages = [json.loads(line).get("stage") for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["pretrain", "finetune"]
 
+    # a later stage on the same folder without --num_labeled keeps the folder's split
     again = run_script("metric_transfer.py", "--stage", "propagate", "--propagation", "spectral", "--root", cifar,
-                       "--dataset", "cifar10", "--num_labeled", "20", "--run_name", "mt", "--logdir", folder.parent,
-                       "--resume", "auto", *COMMON, env=env)
+                       "--run_name", "mt", "--logdir", folder.parent, "--resume", "auto", *COMMON, env=env)
     assert_ok(again)
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["propagation"]) == {"knn", "spectral"} and summary["final_top1"] is not None
