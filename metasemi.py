@@ -12,7 +12,7 @@ The network is then trained on mixup of labeled with unlabeled images (soft targ
 plus a consistency term ||softmax(f(x_u)) - y||^2 whose weight ramps up linearly. `--meta_grad jvp` computes
 J d exactly with torch.func.jvp instead of the finite difference.
 
-Launch (paper recipes; every setting is in docs/metasemi.run.sh):
+Launch (paper recipes; every setting: bash run.sh metasemi):
   1 GPU:   python metasemi.py --root ./data/cifar10 --dataset cifar10 --num_label 4000 --arch convlarge \\
                --mix_up --alpha 1.0 --seed 8469 --weight_decay 1e-4
   N GPUs:  torchrun --nproc_per_node 8 metasemi.py --root ./imagenet_rec --dataset imagenet --arch resnet18 \\

@@ -12,7 +12,7 @@ reference's; every place where it differs says so in a comment ("REF:"). The mai
 update are vectorised (same values), the unlabeled pseudo-labels come from the query forward that feeds the PGC
 loss instead of a third forward, keys are gathered over ranks, label ratio 100 runs, crashes are fixed.
 
-Launch (the paper's settings are in docs/selftuning.run.sh):
+Launch (the paper's settings: bash run.sh selftuning):
     # one GPU
     python selftuning.py --root ./StanfordCars --label_ratio 15 --pretrained --batch_size 24
     python selftuning.py --root ./cifar100 --backbone efficientnet_b2 --num_labeled 400 --expand_label \\

@@ -49,7 +49,7 @@ PROFILES = {
     'cifar100': dict(reg_mode='cifar', knn_k=400, kmeans_iters=200, reg_iters=10, reg_lambda=1.0, reg_momentum=0.9,
                      reg_alpha=1.0, reg_horizon=1.0),
     # ImageNet_usl_moco_0.2.yaml; the CLIP config differs in reg_lambda 0.05, reg_alpha 1.0, reg_horizon_num 32 and
-    # --reg_exclude_same_cluster (see docs/usl.md).
+    # --reg_exclude_same_cluster (see the README).
     'imagenet': dict(reg_mode='imagenet', knn_k=20, kmeans_iters=100, reg_iters=2, reg_lambda=1.5, reg_momentum=0.0,
                      reg_alpha=0.5, reg_horizon_num=128, reg_exclude_same_cluster=False),
 }

@@ -502,14 +502,14 @@ def cifar(tmp_path_factory):
     return fakedata.write_cifar(tmp_path_factory.mktemp("data") / "cifar10", per_class_train=6)
 
 
-ISSUE_FLAGS = ["--trainindex_x", "train_1p_index.csv", "--trainindex_u", "train_99p_index.csv", "--backbone",
+IMAGENET_FLAGS = ["--trainindex_x", "train_1p_index.csv", "--trainindex_u", "train_99p_index.csv", "--backbone",
                "resnet18", "--batch_size", "4", "--mu", "2", "--tau", "0.4", "--CLDLoss", "--multiviews", "--eman",
                "--max_iter", "2", "--workers", "0", "--image_size", "32"]
 
 
-def test_cli_imagenet_layout_issue_command_then_resume_equals_uninterrupted(imnet, tmp_path, env):
-    # the issue's command (2 iterations), then --resume auto to 4, against an uninterrupted 4-iteration run
-    proc = run_script("debiaspl.py", "--root", imnet, *ISSUE_FLAGS, "--logdir", tmp_path, cwd=tmp_path, env=env)
+def test_cli_imagenet_layout_1p_command_then_resume_equals_uninterrupted(imnet, tmp_path, env):
+    # the ImageNet 1% command (2 iterations), then --resume auto to 4, against an uninterrupted 4-iteration run
+    proc = run_script("debiaspl.py", "--root", imnet, *IMAGENET_FLAGS, "--logdir", tmp_path, cwd=tmp_path, env=env)
     assert_ok(proc)
     run = tmp_path / "debiaspl-imagefolder-train_1p_index-s0"
     summary = json.loads((run / "summary.json").read_text())
@@ -521,7 +521,7 @@ def test_cli_imagenet_layout_issue_command_then_resume_equals_uninterrupted(imne
     assert any(k.startswith("ema.") for k in ckpt["model"])
     assert (run / "metrics.jsonl").read_text().count("\n") == 1  # 21 // 8 = 2 iterations per epoch: one eval
 
-    four = [f if f != "2" or ISSUE_FLAGS[i - 1] != "--max_iter" else "4" for i, f in enumerate(ISSUE_FLAGS)]
+    four = [f if f != "2" or IMAGENET_FLAGS[i - 1] != "--max_iter" else "4" for i, f in enumerate(IMAGENET_FLAGS)]
     assert_ok(run_script("debiaspl.py", "--root", imnet, *four, "--logdir", tmp_path, "--resume", "auto",
                          cwd=tmp_path, env=env))
     assert_ok(run_script("debiaspl.py", "--root", imnet, *four, "--logdir", tmp_path, "--run_name", "full",
@@ -540,7 +540,7 @@ def test_cli_imagenet_layout_issue_command_then_resume_equals_uninterrupted(imne
 
 
 def test_cli_imagenet_layout_dali(imnet, tmp_path, env):
-    proc = run_script("debiaspl.py", "--root", imnet, *ISSUE_FLAGS, "--dali", "--logdir", tmp_path, cwd=tmp_path,
+    proc = run_script("debiaspl.py", "--root", imnet, *IMAGENET_FLAGS, "--dali", "--logdir", tmp_path, cwd=tmp_path,
                       env=env)
     assert_ok(proc)
     summary = json.loads((tmp_path / "debiaspl-imagefolder-train_1p_index-s0" / "summary.json").read_text())
@@ -565,7 +565,7 @@ def test_torchrun_two_processes_with_clip(imnet, tmp_path, env):
     torch.save({"probs_list": torch.rand(21, 2, generator=g).sort(1, descending=True).values,
                 "preds_list": torch.randint(0, 3, (21, 2), generator=g)},
                imnet / "indexes" / "train_99p_index_clip_predictions_ranked.pth.tar")
-    proc = run_script("debiaspl.py", "--root", imnet, *ISSUE_FLAGS, "--use_clip", "--logdir", tmp_path, "--device",
+    proc = run_script("debiaspl.py", "--root", imnet, *IMAGENET_FLAGS, "--use_clip", "--logdir", tmp_path, "--device",
                       "cpu", cwd=tmp_path, env=env, torchrun=2)
     assert_ok(proc)
     run = tmp_path / "debiaspl-imagefolder-train_1p_index-s0"

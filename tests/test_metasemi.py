@@ -225,7 +225,7 @@ def summary(logdir, name):
 
 @pytest.mark.parametrize("meta_grad", ["fd", "jvp"])
 def test_cifar10_command_line(data, tmp_path, env, meta_grad):
-    # The command on tiny data (4 labels per class of 6, 2 iterations); the jvp run with a batch of 4.
+    # The README's command on tiny data (4 labels per class of 6, 2 iterations); the jvp run with a batch of 4.
     batch = 8 if meta_grad == "fd" else 4
     proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40,
                       "--arch", "convlarge", "--mix_up", "--alpha", 1.0, "--batch_size", batch, "--max_iter", 2,

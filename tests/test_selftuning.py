@@ -276,7 +276,7 @@ def cars_command(cars, logdir, *extra):
 
 @pytest.fixture(scope="module")
 def cars_run(cars, pretrained_env, tmp_path_factory):
-    """The issue's command on a tiny StanfordCars folder: 3 iterations, evaluations after 1 and 3."""
+    """The headline command on a tiny StanfordCars folder: 3 iterations, evaluations after 1 and 3."""
     logdir = tmp_path_factory.mktemp("runs")
     proc = run_script("selftuning.py", *cars_command(cars, logdir, "--max_iter", "3"), env=pretrained_env[0])
     assert_ok(proc)
