@@ -325,12 +325,14 @@ class Run:
             atomic_write(self.dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
     def finish(self, **figures):
-        """Write summary.json: final, best and median-of-last-5 top-1 plus the method's own figures."""
+        """Write summary.json: final, best and median-of-last-5 top-1, iterations (by default those of the last
+        evaluation), wall time, plus the method's own figures."""
         top1 = [e["top1"] for e in self.evals]
         summary = {"final_top1": top1[-1] if top1 else None, "best_top1": max(top1) if top1 else None,
                    "median_last_top1": statistics.median(top1[-5:]) if top1 else None,
-                   "final_top5": self.evals[-1]["top5"] if top1 else None,
-                   "evals": len(top1), "wall_s": round(self.wall_s(), 2), **figures}
+                   "final_top5": self.evals[-1]["top5"] if top1 else None, "evals": len(top1),
+                   "iters": self.evals[-1].get("iter") if top1 else None, "wall_s": round(self.wall_s(), 2),
+                   **figures}
         self.save_json("summary.json", summary)
         if self._bar is not None:
             self._bar.close()

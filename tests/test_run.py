@@ -69,6 +69,7 @@ def test_resume_restores_history_and_drops_evaluations_after_the_checkpoint(tmp_
     summary = again.finish(extra=1)
     assert summary["final_top1"] == 80.0 and summary["best_top1"] == 80.0
     assert summary["median_last_top1"] == 70.0 and summary["extra"] == 1
+    assert summary["iters"] == 30 and "wall_s" in summary
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
