@@ -385,8 +385,8 @@ def small_data(args, dist, root):
               pin_memory=dist.device.type == "cuda")
     labeled = datasets.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
     unlabeled = datasets.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size, args.seed + 1, **kw)
-    return dict(num_classes=num_classes, labeled_idx=lab_idx, labels=str(args.num_label),
-                labeled=labeled, unlabeled=unlabeled,
+    return dict(num_classes=num_classes, labeled_idx=lab_idx, labeled_ids=[train.ids[i] for i in lab_idx],
+                labels=str(args.num_label), labeled=labeled, unlabeled=unlabeled,
                 test=datasets.eval_loader(test, max(args.eval_batch_size // dist.world_size, 1), args.workers,
                                           dist.rank, dist.world_size))
 
@@ -425,6 +425,7 @@ def large_data(args, dist, root):
             test = datasets.eval_loader(sets["val"], max(args.eval_batch_size // dist.world_size, 1), args.workers,
                                         dist.rank, dist.world_size)
         n_lab = len(sets["train_label"])
+        lab_ids = [f"train_label.rec/{k}" for k in lab_idx]
     else:
         train = datasets.load(args.dataset, root, "train")
         val = datasets.load(args.dataset, root, "test")
@@ -452,8 +453,9 @@ def large_data(args, dist, root):
             test = datasets.eval_loader(val, max(args.eval_batch_size // dist.world_size, 1), args.workers,
                                         dist.rank, dist.world_size)
         n_lab = len(lab_idx)
-    return dict(num_classes=num_classes, labeled_idx=np.asarray(lab_idx, dtype=np.int64), labels=str(n_lab),
-                labeled=labeled, unlabeled=unlabeled, test=test)
+        lab_ids = [train.ids[i] for i in lab_idx]
+    return dict(num_classes=num_classes, labeled_idx=np.asarray(lab_idx, dtype=np.int64), labeled_ids=lab_ids,
+                labels=str(n_lab), labeled=labeled, unlabeled=unlabeled, test=test)
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -512,6 +514,7 @@ def main(argv=None):
     end = min(total, args.max_iter) if args.max_iter else total
 
     run = R.Run(args, "metasemi", args.dataset, data["labels"], dist)
+    run.save_split(data["labeled_idx"], data["labeled_ids"])
     backbone = backbones.build(args.arch, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint)
     net = Classifier(backbone, num_classes).to(device)
     model = D.wrap(net, dist)                       # training forwards (DDP averages gradients)

@@ -1144,6 +1144,7 @@ def main(argv=None):
     mean_std = datasets.MEAN_STD.get(args.dataset, datasets.MEAN_STD["imagenet"])
     tfs = make_transforms(args, mean_std)
     run = runlib.Run(args, METHOD, args.dataset, labels_name, dist)
+    run.save_split(labeled, [train.ids[i] for i in labeled])
     state = run.resume_state
     if args.pseudo_file and args.stage == "all":
         raise UserError("--pseudo_file replaces the propagate stage: run --stage finetune with it, not --stage all")

@@ -256,7 +256,7 @@ def test_stage_all_then_spectral_propagation_on_the_same_folder(base_run, cifar)
     folder, proc, env = base_run
     assert_ok(proc)
     for name in ("pretrain.pt", "features.pt", "pseudo_labels_knn.pt", "propagation_accuracy.png", "checkpoint.pt",
-                 "metrics.jsonl", "args.json"):
+                 "metrics.jsonl", "args.json", "labeled.csv"):
         assert (folder / name).exists(), name
     summary = json.loads((folder / "summary.json").read_text())
     knn = summary["propagation"]["knn"]
