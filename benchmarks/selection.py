@@ -1,6 +1,6 @@
 """Wall time and peak memory of USL selection (kNN density, k-means, regularised selection), usl.py against a plain
-PyTorch implementation of the same algorithm as the reference writes it (chunked exact kNN, dense Lloyd k-means,
-explicit sum((x - y)^2) distances), both from the same k-means initialisation.
+PyTorch implementation of the same algorithm as the reference writes it (chunked exact kNN, dense Lloyd k-means with
+explicit sum((x - c)^2) distances, the explicit selection), both from the same k-means initialisation.
 
 Every measurement runs in a fresh subprocess (peak memory = resource.getrusage maxrss of that process, which
 includes the features it holds). The machine's other load makes absolute seconds noisy; compare the ratios.
@@ -84,8 +84,8 @@ def real_cifar_features(cache_dir):
 
 # ---------------------------------------------------------------------------------------- plain PyTorch (reference)
 def plain_knn(x, k, chunk=1024):
-    """Exact kNN as the reference computes it, squared distances in the explicit form, chunked over queries and
-    database blocks with a running top-k merge (KeOps Kmin_argKmin on CPU is this)."""
+    """Exact kNN as the reference computes it (KeOps Kmin_argKmin), written plainly: squared distances chunked over
+    queries and database blocks with a running top-k merge."""
     import torch
     x = torch.from_numpy(x)
     n = len(x)
@@ -101,20 +101,23 @@ def plain_knn(x, k, chunk=1024):
     return d_out.numpy()
 
 
-def plain_kmeans(x, k, iters, init):
-    """nn_utils.KMeans: Lloyd in torch, all `iters` rounds, scatter_add_ means. Distances: the explicit
-    sum((x - c)^2) for k <= 40 (the reference's dense path), torch.cdist for more (standing in for its KeOps
-    reduction, which a plain explicit form would make ~10x slower). An empty cluster's NaN centroid is never chosen
-    (KeOps semantics; the reference's dense argmin would move every point into it)."""
+def plain_kmeans(x, k, iters, init, distance='explicit'):
+    """nn_utils.KMeans: Lloyd in torch, all `iters` rounds, scatter_add_ means. `explicit` evaluates sum((x - c)^2)
+    as the reference does (its dense path for k <= 40 and its KeOps reduction above both compute this form), chunked
+    to ~64 MB; `cdist` is the faster matrix-product form, whose rounding decides near-ties differently. An empty
+    cluster's NaN centroid is never chosen (KeOps semantics; the reference's dense argmin would move every point into
+    it)."""
     import torch
     x = torch.from_numpy(x)
     n, dim = x.shape
     c = x[torch.from_numpy(init)].clone()
     cl = torch.empty(n, dtype=torch.long)
+    rows = max(1, 2 ** 24 // (k * dim))
     for _ in range(iters):
-        for a in range(0, n, 2048):
-            d = ((x[a:a + 2048, None, :] - c[None]) ** 2).sum(-1) if k <= 40 else torch.cdist(x[a:a + 2048], c)
-            cl[a:a + 2048] = torch.nan_to_num(d, nan=float('inf')).argmin(1)
+        for a in range(0, n, rows):
+            q = x[a:a + rows]
+            d = ((q[:, None, :] - c[None]) ** 2).sum(-1) if distance == 'explicit' else torch.cdist(q, c)
+            cl[a:a + rows] = torch.nan_to_num(d, nan=float('inf')).argmin(1)
         c.zero_()
         c.scatter_add_(0, cl[:, None].repeat(1, dim), x)
         c /= torch.bincount(cl, minlength=k).type_as(c).view(k, 1)
@@ -196,7 +199,7 @@ def child(spec):
         mean_dist = d.mean(1).astype(np.float32)
         t['knn_s'] = time.time() - t0
         t0 = time.time()
-        labels = plain_kmeans(x, budget, spec['kmeans_iters'], init)
+        labels = plain_kmeans(x, budget, spec['kmeans_iters'], init, spec['plain_distance'])
         t['kmeans_s'] = time.time() - t0
         t0 = time.time()
         picks = plain_select(x, mean_dist, labels, budget, spec['reg_iters'], spec['lam'], spec['momentum'],
@@ -230,6 +233,8 @@ def main():
     p.add_argument('--kmeans_iters', type=int, default=200, help='Lloyd iterations at CIFAR scale (reference 200)')
     p.add_argument('--reg_iters', type=int, default=10, help='selection passes at CIFAR scale (reference 10)')
     p.add_argument('--no_plain', action='store_true', help='skip the plain implementation')
+    p.add_argument('--plain_distance', default='explicit', choices=['explicit', 'cdist'],
+                   help="k-means distances of the plain version: the reference's explicit form, or torch.cdist")
     p.add_argument('--nprobe', type=int, default=8, help='ivf lists visited per query at ImageNet scale')
     p.add_argument('--cache', default=str(REPO / 'runs' / 'bench_cache'), help='where real features are kept')
     p.add_argument('--child', default=None, help=argparse.SUPPRESS)
@@ -250,7 +255,7 @@ def main():
                     dict(lam=1.0, momentum=0.9, alpha=1.0, horizon=1.0)
                 spec = dict(data=data, n=50000, blobs=10, budget=budget, knn_k=400, kmeans_iters=a.kmeans_iters,
                             reg_iters=a.reg_iters, mode='cifar', seed=1, nprobe=8, threads=a.threads,
-                            cache=a.cache, **hp)
+                            plain_distance=a.plain_distance, cache=a.cache, **hp)
                 ours = measure({**spec, 'impl': 'usl'})
                 line = {'scale': 'cifar', 'data': data, 'budget': budget, 'usl': ours}
                 if not a.no_plain:
