@@ -1042,7 +1042,7 @@ def run_finetune(args, run, dist, train, test, tfs, state):
                                       args.workers, dist.rank, world, pin_memory=device.type == "cuda")
     total = args.finetune_iters
     eval_every = args.eval_interval or 500
-    start, best = 0, None
+    start = 0
     if state is not None and state.get("stage") == "finetune":
         same = np.array_equal(np.asarray(state["rows"]), rows) and np.array_equal(np.asarray(state["labels"]), labels)
         if not same:

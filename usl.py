@@ -642,28 +642,6 @@ def class_counts(targets, picks, num_classes):
     return np.bincount(np.asarray(targets)[picks], minlength=num_classes)
 
 
-def save_grid(path, train, picks, per_row, labelled, thumb=48):
-    """A PNG of the picked images: one row per class (labels known), else rows of `per_row`."""
-    from PIL import Image, ImageDraw
-    picks = np.asarray(picks)
-    if labelled:
-        rows = [(train.classes[c], picks[train.targets[picks] == c][:per_row]) for c in range(train.num_classes)]
-    else:
-        rows = [('', picks[a:a + per_row]) for a in range(0, len(picks), per_row)]
-    text_w = min(120, 7 * max([len(r[0]) for r in rows] + [0]) + 6) if labelled else 0
-    cols = max([len(r[1]) for r in rows] + [1])
-    img = Image.new('RGB', (text_w + cols * (thumb + 2), max(1, len(rows)) * (thumb + 2)), 'white')
-    draw = ImageDraw.Draw(img)
-    for r, (name, items) in enumerate(rows):
-        y = r * (thumb + 2)
-        if labelled:
-            draw.text((2, y + thumb // 2 - 5), f'{name[:16]} ({len(items)})', fill='black')
-        for c, i in enumerate(items):
-            im = train.image(int(i)).convert('RGB').resize((thumb, thumb))
-            img.paste(im, (text_w + c * (thumb + 2), y))
-    img.save(path)
-
-
 def write_outputs(run, train, picks, args, figures):
     picks = np.asarray(picks, dtype=np.int64)
     np.save(run.path('selected.npy'), picks)
@@ -672,7 +650,7 @@ def write_outputs(run, train, picks, args, figures):
     rest = np.setdiff1d(np.arange(len(train)), picks)
     datasets.write_index_csv(run.path('unselected.csv'), rest, ids)
     labelled = train.num_classes > 1
-    save_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
+    datasets.save_image_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
     if labelled:
         counts = class_counts(train.targets, picks, train.num_classes)
         figures.update(class_coverage=int((counts > 0).sum()), num_classes=train.num_classes,

@@ -158,19 +158,19 @@ def _rotate(img, v):
 
 
 def _shear_x(img, v):
-    return img.transform(img.size, Image.AFFINE, (1, _rand_sign(v), 0, 0, 1, 0))
+    return img.transform(img.size, Image.Transform.AFFINE, (1, _rand_sign(v), 0, 0, 1, 0))
 
 
 def _shear_y(img, v):
-    return img.transform(img.size, Image.AFFINE, (1, 0, 0, _rand_sign(v), 1, 0))
+    return img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, _rand_sign(v), 1, 0))
 
 
 def _translate_x(img, v):
-    return img.transform(img.size, Image.AFFINE, (1, 0, _rand_sign(v) * img.size[0], 0, 1, 0))
+    return img.transform(img.size, Image.Transform.AFFINE, (1, 0, _rand_sign(v) * img.size[0], 0, 1, 0))
 
 
 def _translate_y(img, v):
-    return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, _rand_sign(v) * img.size[1]))
+    return img.transform(img.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, _rand_sign(v) * img.size[1]))
 
 
 AUGMENT_OPS = [
@@ -513,25 +513,6 @@ def select_imagenet(pred, mean_dist, targets, budget, per_cluster):
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
-def save_grid(path, train, picks, per_row, labelled, thumb=48):
-    """A PNG of the picked images: one row per class (labels known), else rows of `per_row`."""
-    from PIL import ImageDraw
-    picks = np.asarray(picks)
-    if labelled:
-        rows = [(train.classes[c], picks[train.targets[picks] == c][:per_row]) for c in range(train.num_classes)]
-    else:
-        rows = [('', picks[a:a + per_row]) for a in range(0, len(picks), per_row)]
-    text_w = min(120, 7 * max([len(r[0]) for r in rows] + [0]) + 6) if labelled else 0
-    cols = max([len(r[1]) for r in rows] + [1])
-    img = Image.new('RGB', (text_w + cols * (thumb + 2), max(1, len(rows)) * (thumb + 2)), 'white')
-    draw = ImageDraw.Draw(img)
-    for r, (name, items) in enumerate(rows):
-        y = r * (thumb + 2)
-        if labelled:
-            draw.text((2, y + thumb // 2 - 5), f'{name[:16]} ({len(items)})', fill='black')
-        for c, i in enumerate(items):
-            img.paste(train.image(int(i)).convert('RGB').resize((thumb, thumb)), (text_w + c * (thumb + 2), y))
-    img.save(path)
 
 
 def write_outputs(run, train, picks, args, figures):
@@ -540,7 +521,7 @@ def write_outputs(run, train, picks, args, figures):
     datasets.write_index_csv(run.path('selected.csv'), np.sort(picks), train.ids)
     datasets.write_index_csv(run.path('unselected.csv'), np.setdiff1d(np.arange(len(train)), picks), train.ids)
     labelled = train.num_classes > 1
-    save_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
+    datasets.save_image_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
     if labelled:
         counts = np.bincount(train.targets[picks], minlength=train.num_classes)
         figures.update(class_coverage=int((counts > 0).sum()), num_classes=train.num_classes,

@@ -31,10 +31,12 @@ import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common import UserError, dali  # noqa: E402
+from common.run import entry  # noqa: E402
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def image_benchmark_parser(doc, warmup, seconds):
+    """The flags shared by the image-loading benchmarks: which JPEGs, how large, how long to measure."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
                    help="the CIFAR-10 JPEG archive (default: ../shared/data/cifar10-jpeg.tar.gz from the repo)")
     p.add_argument("--images", type=int, default=384, help="images to prepare (default: 384)")
@@ -43,8 +45,14 @@ def parse_args():
     p.add_argument("--size", type=int, default=224, help="crop size (default: 224)")
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers (default: 2)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="batch size (default: 32)")
-    p.add_argument("--warmup", type=int, default=4, help="untimed batches per measurement (default: 4)")
-    p.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement (default: 6)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed batches per measurement (default: {warmup})")
+    p.add_argument("--seconds", type=float, default=seconds,
+                   help=f"timed seconds per measurement (default: {seconds:g})")
+    return p
+
+
+def parse_args():
+    p = image_benchmark_parser(__doc__, warmup=4, seconds=6.0)
     p.add_argument("--rounds", type=int, default=2, help="measurements per loader and view (default: 2)")
     p.add_argument("--views", nargs="+", default=["train", "strong"], choices=["train", "strong"],
                    help="views to measure (default: train strong)")
@@ -158,8 +166,4 @@ def main():
             print(f"          {view:6s}  {d:10.1f}  {t:17.1f}  {d / t:16.2f} | {cd:15.2f}  {ct:11.2f}  {ct / cd:16.2f}")
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    entry(main)

@@ -10,7 +10,6 @@ size and re-encoded (benchmarks/loader_throughput.py prepares them); the two loa
 each built afresh, warmed up, timed for --seconds and torn down. Prints images/s and CPU ms per image of each, and
 the ratio DALI / hand-written. On a GPU machine DALI would run on the GPU; this benchmark measures the CPU pipelines.
 """
-import argparse
 import statistics
 import sys
 import tempfile
@@ -25,21 +24,12 @@ import torch  # noqa: E402
 
 import debiaspl  # noqa: E402
 from common import UserError, dali  # noqa: E402
-from loader_throughput import Files, measure, prepare_images  # noqa: E402
+from common.run import entry  # noqa: E402
+from loader_throughput import Files, image_benchmark_parser, measure, prepare_images  # noqa: E402
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"),
-                   help="the CIFAR-10 JPEG archive (default: ../shared/data/cifar10-jpeg.tar.gz from the repo)")
-    p.add_argument("--images", type=int, default=384, help="images to prepare (default: 384)")
-    p.add_argument("--width", type=int, default=500, help="width of the upscaled images (default: 500)")
-    p.add_argument("--height", type=int, default=375, help="height of the upscaled images (default: 375)")
-    p.add_argument("--size", type=int, default=224, help="crop size (default: 224)")
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers (default: 2)")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="batch size (default: 32)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches per measurement (default: 3)")
-    p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement (default: 8)")
+    p = image_benchmark_parser(__doc__, warmup=3, seconds=8.0)
     p.add_argument("--rounds", type=int, default=2, help="measurements per loader (default: 2)")
     return p.parse_args()
 
@@ -85,8 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    entry(main)

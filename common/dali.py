@@ -18,7 +18,6 @@ import os
 import random
 import re
 import struct
-import sys
 import time
 import warnings
 from collections import namedtuple
@@ -649,8 +648,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from common.run import entry
+    entry(main)

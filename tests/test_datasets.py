@@ -138,6 +138,20 @@ def test_digits():
     assert abs(a.mean() / 255 - m[0]) < 1e-3 and abs(a.std() / 255 - s[0]) < 1e-3
 
 
+
+def test_image_grid_rows_per_class_or_per_row(tmp_path):
+    from PIL import Image
+    tr = D.load('digits', None, 'train')
+    picks = np.concatenate([np.flatnonzero(tr.targets == c)[:c % 3 + 1] for c in range(10)])  # 1 to 3 per class
+    D.save_image_grid(tmp_path / 'by_class.png', tr, picks, per_row=2, labelled=True, thumb=10)
+    D.save_image_grid(tmp_path / 'rows.png', tr, picks, per_row=4, labelled=False, thumb=10)
+    by_class, rows = Image.open(tmp_path / 'by_class.png'), Image.open(tmp_path / 'rows.png')
+    assert by_class.height == 10 * 12 and by_class.width > 2 * 12  # a row per class, at most 2 thumbnails, names
+    assert rows.size == (4 * 12, 5 * 12)  # 19 picks in rows of 4, no names
+    # the first thumbnail of the unlabelled grid is the first pick
+    first = np.asarray(tr.image(int(picks[0])).convert('RGB').resize((10, 10)))
+    assert (np.asarray(rows.convert('RGB'))[:10, :10] == first).all()
+
 def test_image_list_with_spaces(tmp_path, data):
     root = data['cars']
     lst = tmp_path / 'mine.txt'
@@ -421,7 +435,7 @@ def test_stream_splits_global_batch_over_ranks():
     for _ in range(2):
         (x0, y0, i0), (x1, y1, i1) = next(s0), next(s1)
         assert len(i0) == len(i1) == 4 and not set(i0.tolist()) & set(i1.tolist())
-        assert (x0[:, 0, 0, 0] == i0).all() and (y0 == i0 % 4).all()
+        assert (x0[:, 0, 0, 0] == i0).all() and (y0 == i0 % 4).all() and (x1[:, 0, 0, 0] == i1).all() and (y1 == i1 % 4).all()
         seen += i0.tolist() + i1.tolist()
     perm = np.random.RandomState(3).permutation(20)
     assert sorted(seen) == sorted(perm[:16].tolist())  # 20 // 2 = 10 per rank: 2 batches of 4, tail of 2 dropped
