@@ -431,15 +431,21 @@ def labeled_ce_trajectory(flags, steps=15, seed=0):
 
 def test_digits_defaults_drive_the_labeled_loss_down():
     # The failing digits command (resnet18, lr 0.03, no method flags), on a separable set. The digits defaults
-    # (FixMatch's lambda_u 1, threshold 0.95) fit the labeled images within 8 iterations (seeds 0-3: median CE of
-    # iterations 9-15 is 0.00). With the reference's ImageNet values as defaults, the student's confident noise was
-    # trained with weight 10 and the labeled CE blew up (seeds 0-3: median 53, 16, 5.8, 12.5 over the same window).
-    losses = labeled_ce_trajectory(["--lr", "0.03"])
-    assert losses[0] == pytest.approx(LOG(4), abs=0.6)  # chance at the start
-    assert float(np.median(losses[8:])) < 0.05, losses
-    reference = labeled_ce_trajectory(["--lr", "0.03", "--lambda_u", "10", "--threshold", "0.7", "--tau", "1",
-                                       "--wd", "1e-4", "--no-nesterov"])
-    assert reference[0] == losses[0] and float(np.median(reference[8:])) > 1.0, reference
+    # (FixMatch's lambda_u 1, threshold 0.95) fit the labeled images within 8 iterations. With the reference's
+    # ImageNet values as defaults, the student's confident noise was trained with weight 10 and the labeled CE blew up
+    # far above chance (log 4 = 1.4). The exact trajectories depend on the CPU's kernels (the diverging one is
+    # chaotic), so only margins are pinned: on one machine, seeds 0 and 1 gave mean CE 0.59 / 0.63 with the defaults
+    # and 9.2 / 7.5 with the reference values, peaks 58 and 16.
+    reference_flags = ["--lambda_u", "10", "--threshold", "0.7", "--tau", "1", "--wd", "1e-4", "--no-nesterov"]
+    ours, theirs = [], []
+    for seed in (0, 1):
+        losses = labeled_ce_trajectory(["--lr", "0.03"], seed=seed)
+        reference = labeled_ce_trajectory(["--lr", "0.03", *reference_flags], seed=seed)
+        assert losses[0] == pytest.approx(LOG(4), abs=0.8) and reference[0] == losses[0]  # near chance, same start
+        assert float(np.median(losses[8:])) < 0.05, losses
+        assert max(reference) > 10, reference
+        ours, theirs = ours + losses, theirs + reference
+    assert np.mean(theirs) > 4 * np.mean(ours), (np.mean(theirs), np.mean(ours))
 
 
 def test_reference_flag_spellings_are_accepted():
