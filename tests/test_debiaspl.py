@@ -441,7 +441,7 @@ def test_digits_defaults_drive_the_labeled_loss_down():
     for seed in (0, 1):
         losses = labeled_ce_trajectory(["--lr", "0.03"], seed=seed)
         reference = labeled_ce_trajectory(["--lr", "0.03", *reference_flags], seed=seed)
-        assert losses[0] == pytest.approx(LOG(4), abs=0.8) and reference[0] == losses[0]  # near chance, same start
+        assert losses[0] == pytest.approx(LOG(4), abs=0.6) and reference[0] == losses[0]  # chance, same start
         assert float(np.median(losses[8:])) < 0.05, losses
         assert max(reference) > 10, reference
         ours, theirs = ours + losses, theirs + reference
