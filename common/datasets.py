@@ -288,17 +288,72 @@ def _cifar_dir(name, root):
     return None
 
 
+def _latin1_bytes(text, encoding):
+    """`_codecs.encode` as protocol-2 pickles written by Python 3 use it: bytes stored as latin-1 text. No other
+    codec is needed, so none is reachable."""
+    if not isinstance(text, str) or encoding != 'latin1':
+        raise pickle.UnpicklingError(f'unexpected _codecs.encode({type(text).__name__}, {encoding!r})')
+    return text.encode('latin1')
+
+
+# The only globals a CIFAR batch needs (dicts, lists, str, bytes and ints need none): NumPy arrays, named as NumPy 1
+# wrote them (the official archives, from Python 2) and as NumPy 2 writes them (_frombuffer at protocol 5), plus the
+# bytes of Python 3's protocol-2 pickles. Each name maps to the object itself: nothing is imported by name.
+_CIFAR_GLOBALS = {
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
+    ('numpy._core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
+    ('numpy.core.numeric', '_frombuffer'): np._core.numeric._frombuffer,
+    ('numpy._core.numeric', '_frombuffer'): np._core.numeric._frombuffer,
+    ('_codecs', 'encode'): _latin1_bytes,
+    ('__builtin__', 'bytes'): bytes,  # b'' at protocol 2
+    ('builtins', 'bytes'): bytes,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.load for CIFAR batches: a pickle can call any global it names, so a crafted batch would run code;
+    here every global outside _CIFAR_GLOBALS is refused before it is looked up."""
+
+    def __init__(self, f, path):
+        super().__init__(f, encoding='latin1')  # Python 2 str -> str, which NumPy turns back into array bytes
+        self.path = path
+
+    def find_class(self, module, name):
+        obj = _CIFAR_GLOBALS.get((module, name))
+        if obj is None:
+            raise UserError(f'refusing to load CIFAR file {self.path}: it asks for the Python global {module}.{name}, '
+                            f'which CIFAR batches never hold (loading it could run code); re-extract the archive or '
+                            f'pass --download')
+        return obj
+
+
+def _bad_cifar(path, what):
+    return UserError(f'{path} is not a CIFAR batch: {what}; re-extract the archive or pass --download')
+
+
 def _unpickle(path):
     try:
         with open(path, 'rb') as f:
-            d = pickle.load(f, encoding='latin1')
+            d = _CifarUnpickler(f, path).load()
     except FileNotFoundError:
         raise UserError(f'missing CIFAR file {path}: the folder is incomplete; re-extract the archive or pass '
                         f'--download') from None
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f'cannot read CIFAR file {path} ({e.__class__.__name__}: {e}); re-extract the archive or '
                         f'pass --download') from None
+    if not isinstance(d, dict):
+        raise _bad_cifar(path, f'it holds a {type(d).__name__}, not a dict')
     return {(k.decode('latin1') if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _entry(b, key, path):
+    if key not in b:
+        raise _bad_cifar(path, f'no {key!r} entry (it has {", ".join(map(repr, b)) or "none"})')
+    return b[key]
 
 
 def _read_cifar(name, root, split):
@@ -313,10 +368,25 @@ def _read_cifar(name, root, split):
     images, labels = [], []
     for f in files:
         b = _unpickle(d / f)
-        x = np.asarray(b['data'], dtype=np.uint8)
+        x, y = _entry(b, 'data', d / f), _entry(b, label_key, d / f)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072):
+            got = f'a {x.dtype} array of {" x ".join(map(str, x.shape))}' if isinstance(x, np.ndarray) else \
+                f'a {type(x).__name__}'
+            raise _bad_cifar(d / f, f"'data' is {got}, not uint8 N x 3072 (N images of 3 x 32 x 32)")
+        try:
+            y = np.asarray(y)
+        except ValueError:  # ragged nested lists
+            y = None
+        if y is None or y.ndim != 1 or (len(y) and y.dtype.kind not in 'iu'):
+            raise _bad_cifar(d / f, f'{label_key!r} is not a list of integer labels')
+        if len(y) != len(x):
+            raise _bad_cifar(d / f, f'{len(y)} labels for {len(x)} images')
         images.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.extend(b[label_key])
-    classes = [c.decode() if isinstance(c, bytes) else c for c in _unpickle(d / meta)[names_key]]
+        labels.extend(y.tolist())
+    names = _entry(_unpickle(d / meta), names_key, d / meta)
+    if not (isinstance(names, list) and all(isinstance(c, (str, bytes)) for c in names)):
+        raise _bad_cifar(d / meta, f'{names_key!r} is not a list of class names')
+    classes = [c.decode() if isinstance(c, bytes) else c for c in names]
     labels = np.asarray(labels, dtype=np.int64)
     _check_range(labels, len(classes), d / files[0])
     return ImageSet(_ArrayStore(np.ascontiguousarray(np.concatenate(images)), split), classes, labels, name=name)
@@ -697,7 +767,9 @@ def _check_member_name(archive, name):
 def safe_extract(archive, dest):
     """Extract a tar (any compression) or zip archive into `dest`. Every member is checked first: absolute paths,
     '..' components, links pointing outside `dest` and device files are refused, and then nothing is written.
-    Extraction goes to a temporary folder inside `dest` and is moved into place only when it completed."""
+    Extraction goes to a temporary folder inside `dest` and is merged into place only when it completed: existing
+    folders are merged, files and links replaced only by their own kind, and nothing is ever deleted (a member that
+    would replace a folder or an entry of another kind refuses the whole archive)."""
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     d = os.path.realpath(dest)
@@ -714,7 +786,8 @@ def safe_extract(archive, dest):
                 tmp = tempfile.mkdtemp(prefix='.extract-', dir=d)
                 try:
                     z.extractall(tmp)
-                    _move_into(tmp, d)
+                    _merge(archive, tmp, d, move=False)
+                    _merge(archive, tmp, d, move=True)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
             return
@@ -722,8 +795,13 @@ def safe_extract(archive, dest):
             raise UserError(f'{archive} is neither a tar nor a zip archive; delete it and download it again')
         with tarfile.open(archive) as t:
             members = t.getmembers()
+            earlier = set()
             for m in members:
                 _check_member_name(archive, m.name)
+                if m.islnk() and os.path.normpath(m.linkname) not in earlier:  # never a link to a file already there
+                    raise UserError(f'refusing to extract {archive}: hard link {m.name!r} -> {m.linkname!r} is not to '
+                                    f'an earlier member of the archive')
+                earlier.add(os.path.normpath(m.name))
                 if not _inside(d, m.name):
                     raise UserError(f'refusing to extract {archive}: member {m.name!r} leaves {dest}')
                 if m.isdev() or m.isfifo():
@@ -743,7 +821,8 @@ def safe_extract(archive, dest):
                     t.extractall(tmp, members=members, filter='data')
                 else:  # pragma: no cover - Python < 3.11.4; members were checked above
                     t.extractall(tmp, members=members)
-                _move_into(tmp, d)
+                _merge(archive, tmp, d, move=False)
+                _merge(archive, tmp, d, move=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except UserError:
@@ -753,16 +832,32 @@ def safe_extract(archive, dest):
                         f'again') from None
 
 
-def _move_into(src, dst):
-    """Move the tree `src` into `dst`, merging folders that already exist."""
-    for entry in os.listdir(src):
-        s, t = os.path.join(src, entry), os.path.join(dst, entry)
-        if os.path.isdir(s) and not os.path.islink(s) and os.path.isdir(t) and not os.path.islink(t):
-            _move_into(s, t)
-        else:
-            if os.path.isdir(t) and not os.path.islink(t):
-                shutil.rmtree(t)
-            os.replace(s, t)
+def _kind(path):
+    """'folder', 'symlink', 'file' or 'special file' (fifo, socket, device) at `path`, links not followed; None if
+    nothing is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    return 'folder' if stat.S_ISDIR(mode) else 'symlink' if stat.S_ISLNK(mode) else \
+        'file' if stat.S_ISREG(mode) else 'special file'
+
+
+def _merge(archive, src, dst, move, rel=''):
+    """Merge the extracted tree `src` into `dst`: a folder merges into an existing folder, a file or symlink replaces
+    one of its own kind (extracting an archive again over itself). An entry of another kind is refused: replacing it
+    would delete a user's folder or file, or write through a user's link. move=False only checks, so that a refused
+    archive writes nothing."""
+    for entry in sorted(os.listdir(src)):
+        s, t, member = os.path.join(src, entry), os.path.join(dst, entry), rel + entry
+        ks, kt = _kind(s), _kind(t)
+        if kt is not None and ks != kt:
+            raise UserError(f'refusing to extract {archive}: member {member!r} is a {ks} but {t} is an existing {kt}, '
+                            f'which extraction never replaces; move it away or extract elsewhere')
+        if ks == kt == 'folder':
+            _merge(archive, s, t, move, member + '/')
+        elif move:
+            os.replace(s, t)  # `t` is absent or of the same kind, never a folder (os.replace cannot delete one)
 
 
 @dataclass

@@ -5,6 +5,7 @@ learn something, and a reader that mixes up labels or orders is caught.
 """
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -39,9 +40,24 @@ def _labels(num_classes, per_class, rng):
     return y
 
 
-def write_cifar(root, name='cifar10', per_class_train=6, per_class_test=2, seed=0) -> Path:
+class _Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 str (BINSTRING), as the Python 2 cPickle that wrote the official CIFAR
+    archives did; used with protocol 2."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        b = obj.encode('latin1') if isinstance(obj, str) else obj
+        op = pickle.SHORT_BINSTRING + bytes([len(b)]) if len(b) < 256 else pickle.BINSTRING + struct.pack('<i', len(b))
+        self.write(op + b)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_py2_str
+
+
+def write_cifar(root, name='cifar10', per_class_train=6, per_class_test=2, seed=0, protocol=2, py2=False) -> Path:
     """torchvision layout: root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or
-    root/cifar-100-python/{train,test,meta}; pickled dicts as in the official archives. Returns root."""
+    root/cifar-100-python/{train,test,meta}; pickled dicts as in the official archives. `py2` writes the pickles
+    as the official archives are: Python 2 strings and NumPy 1's numpy.core module path. Returns root."""
     root = Path(root)
     rng = np.random.RandomState(seed)
     C = 10 if name == 'cifar10' else 100
@@ -51,8 +67,14 @@ def write_cifar(root, name='cifar10', per_class_train=6, per_class_test=2, seed=
         return x.transpose(0, 3, 1, 2).reshape(len(y), 3072)  # the archives store planar RGB rows
 
     def dump(path, obj):
-        with open(path, 'wb') as f:
-            pickle.dump(obj, f, protocol=2)
+        if not py2:
+            with open(path, 'wb') as f:
+                pickle.dump(obj, f, protocol=protocol)
+            return
+        buf = io.BytesIO()
+        _Py2Pickler(buf, protocol=2).dump(obj)
+        # NumPy 2 names the module numpy._core; a protocol-2 GLOBAL is plain text, so renaming keeps the pickle valid
+        path.write_bytes(buf.getvalue().replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
 
     ytr, yte = _labels(C, per_class_train, rng), _labels(C, per_class_test, rng)
     if name == 'cifar10':

@@ -1,5 +1,6 @@
 """Tests of common/datasets.py on tiny datasets written in the real on-disk formats by tests/fakedata.py."""
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -253,6 +254,152 @@ def test_safe_extract_good_archives_merge(tmp_path):
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob('*') if p.is_file()) == \
         ['image_list/l.txt', 'top.txt', 'train/c/x.txt', 'train/d/y.txt']
     assert not [p for p in dest.iterdir() if p.name.startswith('.extract')]
+
+
+def tree(root):
+    """{relative path: ('dir',) | ('link', target) | ('file', bytes)} of everything under root, links not followed."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            out[rel] = ('link', os.readlink(p)) if os.path.islink(p) else ('dir',) if os.path.isdir(p) else \
+                ('file', Path(p).read_bytes())
+    return out
+
+
+def link_tar(path, files, links):
+    """A tar with regular files {name: bytes} and symbolic links {name: target}."""
+    path = F.write_archive(path, files)
+    with tarfile.open(path, 'a') as t:
+        for name, target in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            t.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize('member,kind', [
+    ('train', 'file'),        # would rmtree the user's train/ folder
+    ('train', 'zip file'),
+    ('train', 'symlink'),     # same, with a link
+    ('notes.txt', 'folder'),  # a folder where the user has a file
+    ('link', 'file'),         # a file over the user's symlink
+    ('link', 'folder'),       # a folder merged through the user's symlink
+])
+def test_safe_extract_never_replaces_user_entries_of_another_type(tmp_path, member, kind):
+    dest = tmp_path / 'out'
+    (dest / 'train' / 'c').mkdir(parents=True)
+    (dest / 'train' / 'c' / 'mine.jpg').write_bytes(b'user image')
+    (dest / 'notes.txt').write_text('user notes')
+    (dest / 'link').symlink_to('train')
+    before = tree(dest)
+    files = {'new.txt': b'new'}  # written only if the whole archive can be merged
+    if kind == 'symlink':
+        arc = link_tar(tmp_path / 'a.tar', files, {member: 'new.txt'})
+    elif kind == 'folder':
+        arc = F.write_archive(tmp_path / 'a.tar', {**files, f'{member}/x.txt': b'x'})
+    else:
+        arc = F.write_archive(tmp_path / ('a.zip' if kind == 'zip file' else 'a.tgz'), {**files, member: b'x'})
+    with pytest.raises(UserError) as e:
+        D.safe_extract(arc, dest)
+    msg = str(e.value)
+    assert msg.startswith(f'refusing to extract {arc}') and f"member '{member}'" in msg and str(dest / member) in msg
+    assert '\n' not in msg
+    assert tree(dest) == before
+
+
+def test_safe_extract_again_replaces_its_own_files(tmp_path):
+    dest = tmp_path / 'out'
+    arc = link_tar(tmp_path / 'a.tar', {'train/c/x.txt': b'x', 'top.txt': b't'}, {'train/latest': 'c/x.txt'})
+    D.safe_extract(arc, dest)
+    (dest / 'train' / 'c' / 'x.txt').write_bytes(b'changed')
+    (dest / 'train' / 'c' / 'y.txt').write_bytes(b'user file')
+    D.safe_extract(arc, dest)  # an interrupted download is extracted again over the same files
+    assert tree(dest) == {'top.txt': ('file', b't'), 'train': ('dir',), 'train/c': ('dir',),
+                          'train/c/x.txt': ('file', b'x'), 'train/c/y.txt': ('file', b'user file'),
+                          'train/latest': ('link', 'c/x.txt')}
+
+
+def test_safe_extract_hard_links_only_to_archive_members(tmp_path):
+    dest = tmp_path / 'out'
+    (dest / 'train').mkdir(parents=True)
+    (dest / 'train' / 'mine.jpg').write_bytes(b'user image')
+    before = tree(dest)
+    arc = F.write_archive(tmp_path / 'h.tar', {'a.txt': b'a'})
+    with tarfile.open(arc, 'a') as t:
+        for name, target in (('b.txt', './a.txt'), ('x.jpg', 'train/mine.jpg')):  # the first is fine
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.LNKTYPE, target
+            t.addfile(info)
+    with pytest.raises(UserError, match=r"hard link 'x\.jpg' -> 'train/mine\.jpg'") as e:
+        D.safe_extract(arc, dest)
+    assert '\n' not in str(e.value) and tree(dest) == before
+
+
+class _Payload:
+    """Pickles as a call of `func(arg)`: what a crafted batch would run on a plain pickle.load."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize('func,protocol', [(os.system, 2), (eval, 2), (eval, 4)])
+def test_cifar_pickle_cannot_run_code(tmp_path, func, protocol):
+    root = F.write_cifar(tmp_path / 'cifar10')
+    marker = tmp_path / 'ran'
+    arg = f'touch {marker}' if func is os.system else f'open({str(marker)!r}, "w")'
+    batch = root / 'cifar-10-batches-py' / 'data_batch_1'
+    with open(batch, 'wb') as f:
+        pickle.dump({'data': _Payload(func, arg), 'labels': []}, f, protocol=protocol)
+    with pytest.raises(UserError) as e:
+        D.load('cifar10', root, 'train')
+    msg = str(e.value)
+    assert not marker.exists()
+    assert str(batch) in msg and 'refus' in msg and func.__name__ in msg and '\n' not in msg
+
+
+@pytest.mark.parametrize('kw', [dict(py2=True), dict(protocol=4), dict(protocol=5)])
+def test_cifar_pickles_of_any_writer_load(tmp_path, data, kw):
+    """The official batches (Python 2 strings, NumPy 1's numpy.core) and pickles NumPy 2 writes today."""
+    for name in ('cifar10', 'cifar100'):
+        root = F.write_cifar(tmp_path / name, name=name, **({} if name == 'cifar10' else
+                                                             dict(per_class_train=2, per_class_test=1)), **kw)
+        for split in ('train', 'test'):
+            got, want = D.load(name, root, split), D.load(name, data[name], split)
+            assert np.array_equal(got.arrays, want.arrays) and got.targets.tolist() == want.targets.tolist()
+            assert got.classes == want.classes
+
+
+def _drop(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize('name,fname,change,pattern', [
+    ('cifar10', 'data_batch_2', _drop('data'), "no 'data'"),
+    ('cifar10', 'data_batch_2', _drop('labels'), "no 'labels'"),
+    ('cifar100', 'train', _drop('fine_labels'), "no 'fine_labels'"),
+    ('cifar10', 'data_batch_2', lambda d: {**d, 'data': d['data'][:, :3071]}, r'12 x 3071'),
+    ('cifar10', 'data_batch_2', lambda d: {**d, 'data': d['data'].astype(np.float32)}, 'float32'),
+    ('cifar10', 'data_batch_2', lambda d: {**d, 'data': 'pixels'}, 'str'),
+    ('cifar10', 'data_batch_2', lambda d: {**d, 'labels': d['labels'][:-1]}, '11 labels for 12 images'),
+    ('cifar10', 'data_batch_2', lambda d: {**d, 'labels': ['cat'] * 12}, 'labels'),
+    ('cifar10', 'test_batch', lambda d: list(d.items()), 'list'),
+    ('cifar10', 'batches.meta', _drop('label_names'), "no 'label_names'"),
+])
+def test_malformed_cifar_batch_is_one_line(tmp_path, name, fname, change, pattern):
+    root = F.write_cifar(tmp_path / name, name=name, per_class_train=6 if name == 'cifar10' else 2, per_class_test=1)
+    path = root / ('cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python') / fname
+    with open(path, 'rb') as f:
+        d = pickle.load(f)  # the test's own file
+    with open(path, 'wb') as f:
+        pickle.dump(change(d), f, protocol=2)
+    with pytest.raises(UserError, match=pattern) as e:
+        D.load(name, root, 'test' if fname == 'test_batch' else 'train')
+    assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
