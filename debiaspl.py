@@ -37,6 +37,7 @@ import random
 import time
 from pathlib import Path
 
+import common  # noqa: F401  first: it sets how OpenMP threads wait, which must precede torch
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw

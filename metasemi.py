@@ -32,6 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
+import common  # noqa: F401  first: it sets how OpenMP threads wait, which must precede torch
 import numpy as np
 import torch
 import torch.nn as nn

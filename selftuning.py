@@ -31,6 +31,7 @@ import math
 import random
 import time
 
+import common  # noqa: F401  first: it sets how OpenMP threads wait, which must precede torch
 import numpy as np
 import PIL.ImageDraw
 import PIL.ImageEnhance

@@ -33,6 +33,7 @@ import os
 import time
 from pathlib import Path
 
+import common  # noqa: F401  first: it sets how OpenMP threads wait, which must precede torch
 import numpy as np
 import torch
 import torch.nn as nn
@@ -447,7 +448,18 @@ def nearest_two_pruned(xt, rows, assigned, upper, c, live):
     the centroids that can beat the assigned one: for a point within u of its centroid a, a centroid j with
     ||c_a - c_j|| >= 2u is at least u away (triangle inequality). Points are grouped by assigned centroid; the
     second distance returned is a lower bound when the pruned centroids could be nearer than the second candidate.
-    Same answers as the full search (faiss' form of the distance), at a fraction of the cost for many clusters."""
+    Same answers as the full search (faiss' form of the distance), at a fraction of the cost for many clusters.
+    torch runs on one thread here: the loop is a few small ops per centroid, each cheaper than waking, or on a busy
+    machine waiting for, a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _nearest_two_pruned(xt, rows, assigned, upper, c, live)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _nearest_two_pruned(xt, rows, assigned, upper, c, live):
     pos = np.full(len(c), -1, dtype=np.int64)
     pos[live] = np.arange(len(live))
     cl = torch.from_numpy(c[live])

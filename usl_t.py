@@ -28,6 +28,7 @@ import math
 import random
 import time
 
+import common  # noqa: F401  first: it sets how OpenMP threads wait, which must precede torch
 import numpy as np
 import torch
 import torch.nn as nn

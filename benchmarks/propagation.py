@@ -3,6 +3,7 @@
     python benchmarks/propagation.py                    # CIFAR scale: synthetic and real CIFAR-10 features
     python benchmarks/propagation.py --imagenet         # also kNN at ImageNet scale (1,281,167 x 128)
     python benchmarks/propagation.py --imagenet --imagenet_spectral   # and spectral there (hours, ~10 GB)
+    python benchmarks/propagation.py --only "50k" --threads 0 --busy 1  # idle, then one core kept busy
 
 Every measurement runs in a fresh subprocess, so its peak resident memory (VmHWM from /proc/self/status, which counts
 faiss's and NumPy's C allocations that tracemalloc misses) is its own; "base" is the resident memory after the
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from busy import busy_cores
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -131,11 +134,13 @@ def dense_spectral(f, lab, y_l, unl, c, k=20, m=200, t=1.0):
 
 # -------------------------------------------------------------------------------------------- one measurement
 def child(cfg):
+    import common  # noqa: F401  before torch, as in the scripts: the OpenMP wait policy
     import numpy as np
     import torch
     import faiss
-    torch.set_num_threads(cfg["threads"])
-    faiss.omp_set_num_threads(cfg["threads"])
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+        faiss.omp_set_num_threads(cfg["threads"])
     import metric_transfer as mt
     if cfg["data"] == "synthetic":
         f, y = synthetic(cfg["n"], cfg["blobs"])
@@ -165,11 +170,14 @@ def child(cfg):
                       "acc_top20": at[0.2], "acc_all": at[1.0]}))
 
 
-def measure(cfg, timeout):
+def measure(cfg, timeout, busy=0):
     cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    if cfg["threads"] > 0:
+        env["OMP_NUM_THREADS"] = str(cfg["threads"])
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        with busy_cores(busy):
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout} s"}
     if p.returncode != 0:
@@ -180,7 +188,11 @@ def measure(cfg, timeout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per measurement (default: 1)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per measurement; 0: as the scripts, every core allowed (default: 1)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="also measure ours with this many cores kept busy by other processes, and print the ratio "
+                         "of loaded to idle wall time")
     ap.add_argument("--cache", default="/tmp/mt_bench", help="where the CIFAR-10 features are cached")
     ap.add_argument("--dense_n", type=int, default=5000, help="points of the dense spectral comparison")
     ap.add_argument("--imagenet", action="store_true",
@@ -217,8 +229,15 @@ def main():
     print(f"{'measurement':34s} {'wall s':>8s} {'cpu s':>8s} {'peak GB':>8s} {'base GB':>8s} "
           f"{'acc@20%':>8s} {'acc all':>8s}", flush=True)
     results = {}
+    if args.busy:  # each of ours again under load, right after its idle measurement
+        loaded = []
+        for label, cfg in rows:
+            loaded.append((label, cfg))
+            if label.endswith("ours"):
+                loaded.append((f"{label} busy", {**cfg, "busy": args.busy}))
+        rows = loaded
     for label, cfg in rows:
-        r = measure({**base, **cfg}, args.timeout)
+        r = measure({**base, **cfg}, args.timeout, cfg.get("busy", 0))
         results[label] = r
         if "error" in r:
             print(f"{label:34s} {r['error']}", flush=True)
@@ -233,6 +252,12 @@ def main():
             if "wall_s" in a and "wall_s" in b:
                 print(f"  {label[:-6]:30s} time x{a['wall_s'] / b['wall_s']:.2f} (cpu x{a['cpu_s'] / b['cpu_s']:.2f})  "
                       f"memory x{a['peak_gb'] / b['peak_gb']:.2f}")
+    if args.busy:
+        print(f"\nloaded ({args.busy} core(s) busy) / idle wall time:")
+        for label in results:
+            a, b = results[label], results.get(f"{label} busy", {})
+            if "wall_s" in a and "wall_s" in b:
+                print(f"  {label:30s} x{b['wall_s'] / a['wall_s']:.2f}")
     print("\ntargets: spectral at CIFAR scale < 60 s; kNN at ImageNet scale < 15 min (900 s) and 16 GB")
     for label, limit, mem in (("synthetic 50k spectral ours", 60, None), ("cifar10 50k spectral ours", 60, None),
                               ("synthetic 1.28M knn ours", 900, 16)):

@@ -8,6 +8,7 @@ includes the features it holds). The machine's other load makes absolute seconds
     python benchmarks/selection.py                          # CIFAR scale: synthetic + real, budgets 40 and 400
     python benchmarks/selection.py --scale imagenet         # 1,281,167 x 128, budget 2,911 (usl.py only)
     python benchmarks/selection.py --data synthetic --budgets 40 --threads 2
+    python benchmarks/selection.py --data synthetic --no_plain --threads 0 --busy 1   # idle vs one core kept busy
 
 Data: synthetic = 10 (CIFAR) or 1,000 (ImageNet) Gaussian blobs on the 128-d unit sphere, uneven sizes; real =
 features of the 50,000 CIFAR-10 training JPEGs of ../shared/data/cifar10-jpeg.tar.gz from a fixed network
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from busy import busy_cores
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -157,10 +160,12 @@ def plain_select(x, mean_dist, labels, budget, iters, w, momentum, horizon, alph
 
 # ------------------------------------------------------------------------------------------------------ one child
 def child(spec):
+    import common  # noqa: F401  before torch, as in the scripts: the OpenMP wait policy
     import torch
-    torch.set_num_threads(spec['threads'])
     import faiss
-    faiss.omp_set_num_threads(spec['threads'])
+    if spec['threads'] > 0:
+        torch.set_num_threads(spec['threads'])
+        faiss.omp_set_num_threads(spec['threads'])
     import usl
     if spec['data'] == 'synthetic':
         x = synthetic(spec['n'], spec['blobs'])
@@ -214,8 +219,15 @@ def child(spec):
     print('RESULT ' + json.dumps(t))
 
 
-def measure(spec):
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec['threads']), MKL_NUM_THREADS=str(spec['threads']))
+def measure(spec, busy=0):
+    env = dict(os.environ)
+    if spec['threads'] > 0:
+        env.update(OMP_NUM_THREADS=str(spec['threads']), MKL_NUM_THREADS=str(spec['threads']))
+    with busy_cores(busy):
+        return _measure(spec, env)
+
+
+def _measure(spec, env):
     proc = subprocess.run([sys.executable, __file__, '--child', json.dumps(spec)], capture_output=True, text=True,
                           env=env)
     line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
@@ -229,7 +241,11 @@ def main():
     p.add_argument('--scale', default='cifar', choices=['cifar', 'imagenet', 'all'])
     p.add_argument('--data', default='both', choices=['synthetic', 'real', 'both'])
     p.add_argument('--budgets', type=int, nargs='+', default=[40, 400], help='CIFAR-scale budgets')
-    p.add_argument('--threads', type=int, default=1, help='threads for torch and faiss in each measurement')
+    p.add_argument('--threads', type=int, default=1,
+                   help='threads for torch and faiss in each measurement; 0: as the scripts, every core allowed')
+    p.add_argument('--busy', type=int, default=0,
+                   help='also measure usl.py with this many cores kept busy by other processes, and print the '
+                        'ratio of loaded to idle wall time')
     p.add_argument('--kmeans_iters', type=int, default=200, help='Lloyd iterations at CIFAR scale (reference 200)')
     p.add_argument('--reg_iters', type=int, default=10, help='selection passes at CIFAR scale (reference 10)')
     p.add_argument('--no_plain', action='store_true', help='skip the plain implementation')
@@ -258,6 +274,8 @@ def main():
                             plain_distance=a.plain_distance, cache=a.cache, **hp)
                 ours = measure({**spec, 'impl': 'usl'})
                 line = {'scale': 'cifar', 'data': data, 'budget': budget, 'usl': ours}
+                if a.busy:
+                    line.update(busy=a.busy, usl_busy=measure({**spec, 'impl': 'usl'}, a.busy))
                 if not a.no_plain:
                     plain = measure({**spec, 'impl': 'plain'})
                     same = len(set(ours['picks']) & set(plain['picks'])) / budget
@@ -269,6 +287,8 @@ def main():
                     mode='imagenet', lam=1.5, momentum=0.0, alpha=0.5, horizon_num=128, seed=0, nprobe=a.nprobe,
                     threads=a.threads, cache=a.cache, recall=True)
         line = {'scale': 'imagenet', 'data': 'synthetic', 'budget': 2911, 'usl': measure({**spec, 'impl': 'usl'})}
+        if a.busy:
+            line.update(busy=a.busy, usl_busy=measure({**spec, 'impl': 'usl'}, a.busy))
         rows.append(line)
         report(line)
     out = Path(a.cache) / 'selection_results.json'
@@ -285,6 +305,11 @@ def report(line):
           + (f" (k-means rounds {line['usl'].get('kmeans_rounds')})" if 'kmeans_rounds' in line['usl'] else '')
           + (f", ivf mean-distance median rel. error {line['usl']['knn_mean_dist_rel_err']:.2e}"
              if 'knn_mean_dist_rel_err' in line['usl'] else ''), flush=True)
+    if 'usl_busy' in line:
+        b, u = line['usl_busy'], line['usl']
+        print(f"    usl.py, {line['busy']} core(s) busy: {stages(b)}\n"
+              f"    loaded / idle wall time {b['total_s'] / u['total_s']:.2f}x (kNN {b['knn_s'] / u['knn_s']:.2f}x, k-means {b['kmeans_s'] / u['kmeans_s']:.2f}x, "
+              f"select {b['select_s'] / u['select_s']:.2f}x)", flush=True)
     if 'plain' in line:
         print(f"    plain torch: {stages(line['plain'])}\n    speed-up {line['speedup']:.1f}x, identical picks "
               f"{100 * line['identical_picks']:.1f}%", flush=True)
