@@ -23,6 +23,14 @@ ImageNet-style roots: RecordIO as the reference (train_label / train_unlabel / v
 split_imagenet.py makes are packed with `python -m common.dali pack D/labeled D/train_label --classes_from D/train`
 and likewise for unlabeled and val), or image folders train/ + val/ with a class-balanced labeled split of
 --num_label images drawn from --seed, the rest unlabeled. Without --dali both are read with torchvision.
+
+Feature map (the paper's Fig. 3, the reference's plot_features.py): `--plot_features N` ends the run with a 2-D
+t-SNE of the penultimate-layer features (the classifier's input; eval mode, test-time transform) of N labeled, N
+unlabeled and N test images drawn from --seed (all of a smaller set): features.png, four panels (each set coloured
+by true class, then the three sets together coloured by set), and features.npz with the coordinates and labels.
+For a finished run, repeat its command with `--resume auto --plot_features N`: resumed at its last iteration, the
+run trains and evaluates nothing and draws the map from the final checkpoint (the same images and, on the same
+device, the same coordinates as at the end of training). Not with --dali (the images are read with torchvision).
 """
 import argparse
 import contextlib
@@ -113,6 +121,10 @@ def parse_args(argv=None):
                    help="iterations between test evaluations and checkpoints (default: 400 on CIFAR/SVHN, one "
                         "epoch on ImageNet)")
     g.add_argument("--print_freq", type=int, default=100, help="iterations between train/* scalars")
+    g.add_argument("--plot_features", type=int, default=0, metavar="N",
+                   help="at the end, a t-SNE map of the features of N labeled, N unlabeled and N test images "
+                        "(features.png, features.npz); 0 = off. For a finished run, repeat its command with "
+                        "--resume auto --plot_features N: nothing is trained, the map comes from the final checkpoint")
     R.add_standard_flags(p)
     args = p.parse_args(argv)
     if args.local_rank is not None:  # the deprecated launcher passes --local-rank; torchrun sets the environment
@@ -124,6 +136,10 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be positive, got {v}")
     if args.alpha <= 0 or args.epsilon <= 0:
         raise UserError("--alpha and --epsilon must be positive")
+    if args.plot_features < 0:
+        raise UserError(f"--plot_features is a number of images per panel (0 = off), got {args.plot_features}")
+    if args.plot_features and args.dali:
+        raise UserError("--plot_features reads the images with torchvision: it does not run with --dali")
     return args
 
 
@@ -459,6 +475,61 @@ def large_data(args, dist, root):
                 labels=str(n_lab), labeled=labeled, unlabeled=unlabeled, test=test)
 
 
+# ------------------------------------------------------------------------------------------------------ feature map
+# The reference's class colours; more classes get evenly spaced hues.
+CLASS_COLORS = ("lightcoral", "darkgreen", "cadetblue", "darkorange", "peru", "cornflowerblue", "khaki", "magenta",
+                "gray", "slategrey")
+
+
+@torch.no_grad()
+def feature_map(net, data, args, run, device):
+    """The reference's plot_features.py: one t-SNE of the penultimate-layer features of up to --plot_features
+    labeled, unlabeled and test images each (eval mode, test-time transform), drawn from --seed. The reference
+    embeds every image and then keeps the drawn ones; embedding only the drawn ones keeps t-SNE affordable.
+    Writes features.npz ({set}_xy, {set}_y) and features.png: the labeled, unlabeled and test images coloured by
+    true class, then the three sets together coloured by set (labeled red, unlabeled blue, test grey)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba_array
+    from sklearn.manifold import TSNE
+
+    seed = args.seed % 2**32
+    eval_tf = (small_transforms(args.dataset) if args.dataset in SMALL else imagenet_transforms(args.imcrop))[1]
+    rng = np.random.RandomState(seed)  # its own generator: the picks do not depend on the training's RNG use
+    net.eval()
+    names, feats, labels = ("labeled", "unlabeled", "test"), [], []
+    for ds in (data["labeled"].dataset, data["unlabeled"].dataset, data["test"].dataset):
+        sub = ds.subset(np.sort(rng.choice(len(ds), min(args.plot_features, len(ds)), replace=False)), eval_tf)
+        loader = datasets.eval_loader(sub, data["test"].batch_size, args.workers)
+        feats.append(torch.cat([net.backbone(x.to(device)).float().cpu() for x, _, _ in loader]).numpy())
+        labels.append(np.asarray(sub.targets, dtype=np.int64))
+    n = sum(map(len, feats))
+    xy = TSNE(2, perplexity=min(30.0, n - 1), init="pca", random_state=seed).fit_transform(np.concatenate(feats))
+    arrays = {}
+    for name, part, y in zip(names, np.split(xy.astype(np.float32), np.cumsum(list(map(len, feats)))[:-1]), labels):
+        arrays[f"{name}_xy"], arrays[f"{name}_y"] = part, y
+    R.atomic_write(run.path("features.npz"), lambda f: np.savez(f, num_classes=data["num_classes"], **arrays))
+
+    C = data["num_classes"]
+    palette = to_rgba_array(CLASS_COLORS) if C <= len(CLASS_COLORS) else plt.cm.hsv(np.arange(C) / C)
+    fig, axes = plt.subplots(1, 4, figsize=(24, 6), sharex=True, sharey=True)  # a point sits at one place in all
+    for ax, name in zip(axes, names):
+        ax.scatter(*arrays[f"{name}_xy"].T, c=palette[arrays[f"{name}_y"]], s=10)
+        ax.set_title(f"{name}: {len(arrays[f'{name}_y'])} images, true class")
+    for name, color in (("unlabeled", "blue"), ("test", "grey"), ("labeled", "red")):  # labeled drawn on top
+        axes[3].scatter(*arrays[f"{name}_xy"].T, c=color, s=10, label=name)
+    axes[3].set_title("labeled / unlabeled / test")
+    axes[3].legend(loc="best")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    R.atomic_write(run.path("features.png"), lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    print(f"[{run.name}] feature map of {n} images: {run.path('features.png')}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 def train_step(net, model, opt, scaler, x_l, y_l, x_u, lr, w, args, num_classes, device):
     """One iteration: pseudo-labels (meta step, or the plain eval-mode predictions with --no-meta), mixup and
@@ -613,6 +684,8 @@ def main(argv=None):
     run.finish(**figures, iters=end, num_label=int(data["labels"]), meta=args.meta,
                meta_grad=args.meta_grad if args.meta else None,
                train_pl_acc=shown.get("pl_acc"), train_pred_acc=shown.get("pred_acc"))
+    if args.plot_features and run.is_main:  # rank 0 alone: the others have nothing left to do
+        feature_map(net, data, args, run, device)
 
 
 if __name__ == "__main__":

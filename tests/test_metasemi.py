@@ -240,6 +240,7 @@ def test_cifar10_command_line(data, tmp_path, env, meta_grad):
     assert len(ck["labeled_idx"]) == 40 and ck["step"] == 2
     split = datasets.read_index_file(run / "labeled.csv", 60)  # the saved split reads back as an index file
     assert sorted(split.tolist()) == sorted(ck["labeled_idx"].tolist())
+    assert not (run / "features.png").exists()  # the feature map is off by default
 
 
 def test_svhn_mat_command_line(data, tmp_path, env):
@@ -272,15 +273,60 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert len(ma) == 3
 
 
+def test_feature_map_at_the_end_and_redrawn_from_the_finished_run(data, tmp_path):
+    # In process, to spare two interpreter start-ups. 40 labeled, 20 unlabeled and 20 test images (2 per class).
+    args = [str(a) for a in ("--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40, "--arch", "resnet18",
+                             "--batch_size", 8, "--max_iter", 2, "--warmup", 1, "--workers", 0, "--device", "cpu",
+                             "--logdir", tmp_path, "--run_name", "fm", "--plot_features", 25)]
+    M.main(args)
+    run = tmp_path / "fm"
+    from PIL import Image
+    assert (run / "features.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(run / "features.png") as im:
+        im.verify()
+        assert im.size[0] > 3 * im.size[1]  # four panels side by side
+    first = dict(np.load(run / "features.npz"))
+    assert first["num_classes"] == 10
+    for name, count in (("labeled", 25), ("unlabeled", 20), ("test", 20)):  # 25 per panel, or all of a smaller set
+        xy, y = first[f"{name}_xy"], first[f"{name}_y"]
+        assert xy.shape == (count, 2) and y.shape == (count,) and np.isfinite(xy).all()
+        assert 0 <= y.min() and y.max() < 10
+    assert np.bincount(first["unlabeled_y"], minlength=10).tolist() == [2] * 10  # all of them: 2 per class
+    assert np.bincount(first["test_y"], minlength=10).tolist() == [2] * 10
+    assert np.bincount(first["labeled_y"], minlength=10).max() <= 4  # drawn from the 4 labels per class
+    # The same command resumed on the finished run trains and evaluates nothing and redraws the same map.
+    (run / "features.png").unlink()
+    (run / "features.npz").unlink()
+    metrics = (run / "metrics.jsonl").read_text()
+    M.main(args + ["--resume", "auto"])
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    again = dict(np.load(run / "features.npz"))
+    assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)
+    assert (run / "features.png").is_file()
+
+
+def test_plot_features_bad_values(data, tmp_path, env):
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--plot_features", -3, "--workers", 0,
+                      "--device", "cpu", "--logdir", tmp_path, env=env)
+    assert_user_error(proc, "--plot_features", "-3")
+    assert not any(tmp_path.iterdir())  # refused before any run folder
+    with pytest.raises(UserError, match="--plot_features .* --dali"):
+        M.parse_args(["--plot_features", "5", "--dali"])
+
+
 def test_two_process_torchrun(data, tmp_path, env):
     proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40,
                       "--mix_up", "--arch", "resnet18", "--batch_size", 8, "--max_iter", 2, "--warmup", 1,
-                      "--workers", 0, "--device", "cpu", "--logdir", tmp_path, "--print_freq", 1, env=env, torchrun=2)
+                      "--workers", 0, "--device", "cpu", "--logdir", tmp_path, "--print_freq", 1,
+                      "--plot_features", 4, env=env, torchrun=2)
     assert_ok(proc)
     s = summary(tmp_path, "metasemi-cifar10-40-s1234")
     assert s["iters"] == 2 and math.isfinite(s["final_top1"])
     assert s["rank_weight_spread"] == 0.0  # DDP kept both ranks' weights identical around the local meta steps
     assert "lr 0.1" in proc.stdout  # the main rank alone prints; warmup over 1 step
+    assert proc.stdout.count("feature map of 12 images") == 1  # drawn by rank 0 alone, 4 per set
+    assert (tmp_path / "metasemi-cifar10-40-s1234" / "features.npz").is_file()
 
 
 def test_recordio_imagenet_with_dali_on_cpu(data, tmp_path, env):
