@@ -741,8 +741,11 @@ def main(argv=None):
         labels_name = str(args.num_labeled)
     else:
         labels_name = f"{args.anno_percent * 100:g}p"
-    run = runlib.Run(args, "debiaspl", args.dataset, labels_name, dist)
-    run.save_split(x_idx, x_set.ids)
+    # A resumed run keeps the checkpoint's split and network; the learning rate is set from the flags every step,
+    # while the restored optimizer state keeps its momentum and weight decay.
+    run = runlib.Run(args, "debiaspl", args.dataset, labels_name, dist,
+                     fixed=("dataset", "backbone", "eman", "num_labeled", "anno_percent", "seed"),
+                     kept=("momentum", "weight_decay", "nesterov"))
 
     if args.dali:
         from common import dali
@@ -800,15 +803,15 @@ def main(argv=None):
         x_stream.load_state_dict(state["x_stream"])
         u_stream.load_state_dict(state["u_stream"])
         start, best = int(state["step"]), float(state["best_top1"])
-        if dist.is_main:
-            runlib.set_rng_state(state["rng"])
-        else:  # only rank 0's RNG is saved; the others restart their augmentation streams from (seed, rank, step)
-            runlib.seed_everything(args.seed + 7919 * start, dist.rank, args.deterministic)
+        runlib.restore_rng_states(state["rng"], dist.rank, lambda: runlib.seed_everything(
+            args.seed + 7919 * start, dist.rank, args.deterministic))
+    run.start()
+    run.save_split(x_idx, x_set.ids)
 
     def save(step):
         run.save_checkpoint({"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "qhat": qhat.cpu(), "step": step, "best_top1": best,
-                             "rng": runlib.rng_state(), "x_index": torch.from_numpy(x_idx),
+                             "rng": runlib.rng_states(), "x_index": torch.from_numpy(x_idx),
                              "u_index": torch.from_numpy(u_idx), "x_stream": x_stream.state_dict(),
                              "u_stream": u_stream.state_dict(), "num_classes": num_classes})
 

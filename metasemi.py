@@ -552,16 +552,6 @@ def train_step(net, model, opt, scaler, x_l, y_l, x_u, lr, w, args, num_classes,
     return loss.detach(), l_cls, l_cons, p, y_hat, logits_l
 
 
-def gather_rng(dist):
-    """Every rank's RNG states (each rank draws its own mixup coefficients and augmentations)."""
-    state = R.rng_state()
-    if not D.is_distributed():
-        return [state]
-    out = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
     dist = D.init(args.device)
@@ -585,8 +575,10 @@ def main(argv=None):
             return cosine_lr(t, args.lr, warmup_iters, total)
     end = min(total, args.max_iter) if args.max_iter else total
 
-    run = R.Run(args, "metasemi", args.dataset, data["labels"], dist)
-    run.save_split(data["labeled_idx"], data["labeled_ids"])
+    # A resumed run keeps the checkpoint's split and network; the learning rate is set from the flags every step,
+    # while the restored optimizer state keeps its momentum and weight decay.
+    run = R.Run(args, "metasemi", args.dataset, data["labels"], dist, fixed=("dataset", "arch", "num_label", "seed"),
+                kept=("momentum", "weight_decay"))
     backbone = backbones.build(args.arch, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint)
     net = Classifier(backbone, num_classes).to(device)
     model = D.wrap(net, dist)                       # training forwards (DDP averages gradients)
@@ -601,24 +593,26 @@ def main(argv=None):
         if not np.array_equal(saved, data["labeled_idx"]):
             raise UserError("the checkpoint was trained on another labeled split: resume with the same --root, "
                             "--num_label and --seed")
-        net.load_state_dict(ck["model"])
+        try:
+            net.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise UserError(f"{run.dir}/checkpoint.pt does not fit --arch {args.arch}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         lab_stream.load_state_dict(ck["streams"]["labeled"])
         unl_stream.load_state_dict(ck["streams"]["unlabeled"])
         start = int(ck["step"])
-        states = ck["rng"]
-        if len(states) == dist.world_size:
-            R.set_rng_state(states[dist.rank])
-        else:  # another world size: fresh streams, still a function of the seed and the step
-            R.seed_everything(args.seed + start, dist.rank, args.deterministic)
+        # another world size: fresh streams, still a function of the seed and the step
+        R.restore_rng_states(ck["rng"], dist.rank, lambda: R.seed_everything(args.seed + start, dist.rank,
+                                                                             args.deterministic))
+    run.start()
+    run.save_split(data["labeled_idx"], data["labeled_ids"])
 
     def checkpoint(step):
-        rng = gather_rng(dist)
         run.save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                             "step": step, "rng": rng, "labeled_idx": torch.from_numpy(data["labeled_idx"]),
-                             "streams": {"labeled": lab_stream.state_dict(), "unlabeled": unl_stream.state_dict()},
-                             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))}})
+                             "step": step, "rng": R.rng_states(), "labeled_idx": torch.from_numpy(data["labeled_idx"]),
+                             "streams": {"labeled": lab_stream.state_dict(), "unlabeled": unl_stream.state_dict()}})
 
     def evaluate(step):
         net.eval()

@@ -51,6 +51,9 @@ METHOD = "metric_transfer"
 SMALL = ("cifar10", "cifar100", "svhn", "digits")  # 32-px arrays: the CIFAR recipe; everything else: the ImageNet one
 RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 STAGES = ("pretrain", "propagate", "finetune")
+# Flags a resumed run keeps: they fix the networks' shapes and the labeled split (the seed draws the split, the memory
+# bank and the data order).
+FIXED = ("dataset", "backbone", "low_dim", "num_labeled", "labeled_file", "seed")
 
 
 # ------------------------------------------------------------------------------------------------------------- flags
@@ -157,6 +160,11 @@ def parse_args(argv=None):
         raise UserError(f"--nce_k must be 0 (exact softmax) or a positive number of noise samples, not {args.nce_k}")
     if not 0.0 <= args.nce_m < 1.0:
         raise UserError(f"--nce_m {args.nce_m} must lie in [0, 1)")
+    for name in ("lr", "pretrain_lr"):  # SGD steps with the rate as a float32 scalar
+        v = getattr(args, name)
+        if not 0.0 <= v < torch.finfo(torch.float32).max:
+            raise UserError(f"--{name} {v} must lie in [0, {torch.finfo(torch.float32).max:.3g}) (SGD steps with a "
+                            "float32 learning rate)")
     if args.backbone is not None:
         args.backbone = {"wrn-28-2": "wrn28_2", "wrn-28-8": "wrn28_8", "wrn-28-10": "wrn28_10"}.get(
             args.backbone, args.backbone)
@@ -791,7 +799,10 @@ def eval_batches(dataset, args, dist, transform):
 
 
 def merged_figures(run, figures):
-    """The method figures already in summary.json (earlier stages run separately) updated with `figures`."""
+    """The figures of every stage run on this folder, updated with this call's (fine-tuning) `figures`: from the run
+    folder, not from this call, since a call that resumes past a stage does not redo it. summary.json of an earlier
+    call (fine-tuning figures stay when a later call only propagates), the last pretraining kNN monitor (the
+    checkpoint carries the evaluations) and each propagation_<method>.json."""
     old = {}
     path = run.path("summary.json")
     if path.exists():
@@ -799,15 +810,37 @@ def merged_figures(run, figures):
             old = json.loads(path.read_text())
         except ValueError:
             old = {}
-    old.pop("wall_s", None)  # fine-tuning figures stay when a later call only propagates
-    merged = {**old, **figures}
-    if isinstance(old.get("propagation"), dict) and isinstance(figures.get("propagation"), dict):
-        merged["propagation"] = {**old["propagation"], **figures["propagation"]}
-    return merged
+    old.pop("wall_s", None)
+    knn = [e["top1"] for e in run.evals if e.get("stage") == "pretrain"]
+    if knn:
+        old["pretrain_knn_top1"] = knn[-1]
+    for m in ("knn", "spectral"):
+        p = run.path(f"propagation_{m}.json")
+        if p.exists():
+            old["propagation"] = {**(old.get("propagation") or {}), m: json.loads(p.read_text())}
+    return {**old, **figures}
+
+
+def restore(state, parts):
+    """Load the checkpoint's entries into this command's objects (key -> module, optimizer, stream, or a tensor to
+    copy into): an entry that does not fit is one line, not a traceback."""
+    for key, obj in parts.items():
+        try:
+            if isinstance(obj, torch.Tensor):
+                if tuple(state[key].shape) != tuple(obj.shape):
+                    raise ValueError(f"shape {tuple(state[key].shape)}, here {tuple(obj.shape)}")
+                obj.copy_(state[key])
+            else:
+                obj.load_state_dict(state[key])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"the checkpoint's {key} does not fit this command ({' '.join(str(e).split())[:300]}): "
+                            "resume with the flags of that run, or pass --run_name NAME to start a new run") from None
 
 
 # ------------------------------------------------------------------------------------------------ stage A: pretrain
-def run_pretrain(args, run, dist, train, test, tfs, state):
+def run_pretrain(args, run, dist, train, test, tfs, state, ready):
+    """Instance discrimination; writes pretrain.pt when it completes. Returns whether it did (not cut by
+    --stop_after)."""
     device, world = dist.device, dist.world_size
     n, num_classes = len(train), train.num_classes
     backbone, head = load_stage_a(args, args.pretrained, args.trust_checkpoint) if args.pretrained \
@@ -832,22 +865,19 @@ def run_pretrain(args, run, dist, train, test, tfs, state):
     eval_every = args.eval_interval or passes
     start = 0
     if state is not None and state.get("stage") == "pretrain":
-        net.load_state_dict(state["model"])
-        memory.copy_(state["memory"].to(device))
+        restore(state, {"model": net, "memory": memory, "optimizer": opt, "scaler": scaler, "stream": stream})
         z_nce.fill_(float(state["z_nce"]))
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        stream.load_state_dict(state["stream"])
         start = int(state["step"])
-        runlib.set_rng_state(state["rng"])
+        runlib.restore_rng_states(state["rng"], dist.rank, lambda: runlib.seed_everything(
+            args.seed + 1000 * start, dist.rank, args.deterministic))
         if start >= total:
             print(f"[{run.name}] pretraining already at iteration {start} of {total}", flush=True)
+    ready()
     model = distributed.wrap(net, dist)
     forward = torch.compile(model) if args.compile else model
     bank_y = torch.as_tensor(train.targets, device=device)
     test_loader = eval_batches(test, args, dist, tfs[2])
     mean_std = datasets.MEAN_STD.get(args.dataset, datasets.MEAN_STD["imagenet"])
-    last_knn = None
     stop = min(total, args.stop_after) if args.stop_after else total
     net.train()
     for step in range(start, stop):
@@ -882,30 +912,30 @@ def run_pretrain(args, run, dist, train, test, tfs, state):
         run.progress(done, total, loss=loss.item(), lr=lr)
         if done % eval_every == 0 or done == total or done == stop:
             tf = embed(net, test_loader, len(test), dist, device, args.amp)
-            last_knn = knn_monitor(tf, torch.as_tensor(test.targets, device=device), memory, bank_y, num_classes,
-                                   200, args.nce_t)
-            record = {"iter": done, "top1": last_knn, "top5": None, "wall_s": round(run.wall_s(), 2),
+            top1 = knn_monitor(tf, torch.as_tensor(test.targets, device=device), memory, bank_y, num_classes,
+                               200, args.nce_t)
+            record = {"iter": done, "top1": top1, "top5": None, "wall_s": round(run.wall_s(), 2),
                       "stage": "pretrain"}
             run.evals.append(record)
             if run.is_main:
-                run.log(done, {"pretrain/knn_top1": last_knn})
+                run.log(done, {"pretrain/knn_top1": top1})
                 with open(run.path("metrics.jsonl"), "a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"[{run.name}] pretrain iter {done}: kNN monitor top1 {last_knn:.2f}", flush=True)
+                print(f"[{run.name}] pretrain iter {done}: kNN monitor top1 {top1:.2f}", flush=True)
             run.save_checkpoint({"stage": "pretrain", "step": done, "total": total, "model": net.state_dict(),
                                  "memory": memory.cpu(), "z_nce": float(z_nce), "optimizer": opt.state_dict(),
                                  "scaler": scaler.state_dict(), "stream": stream.state_dict(),
-                                 "rng": runlib.rng_state()})
+                                 "rng": runlib.rng_states()})
     if stop < total:
         print(f"[{run.name}] stopped after iteration {stop} of {total} (--stop_after); continue with --resume auto",
               flush=True)
-        return False, {}
+        return False
     if run.is_main:
         runlib.atomic_write(run.path("pretrain.pt"), lambda f: torch.save(
             {"backbone_name": args.backbone, "backbone": net.backbone.state_dict(), "head": net.fc.state_dict(),
              "low_dim": args.low_dim, "iters": total, "memory": memory.cpu()}, f))
     distributed.barrier()
-    return True, ({"pretrain_knn_top1": last_knn} if last_knn is not None else {})
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- stage B: propagate
@@ -920,42 +950,59 @@ def stage_a_source(args, run):
                     "folder first, or pass --pretrained PATH (or --features PATH to propagate on your own features)")
 
 
-def load_features(args, run, dist, train, tfs):
+def read_features(path, n, trust):
+    """The [n, d] float32 rows of a --features file: .npy, or a torch file holding a tensor or a dict with
+    'features' / 'train_features'."""
+    expected = ("a .npy array or a .pt / .pth.tar file holding a [N, d] tensor (or a dict with 'features' or "
+                "'train_features'), one row per train image in train-set order")
+    if not path.is_file():
+        raise UserError(f"--features {path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            f = np.load(path, allow_pickle=False)
+        except ValueError:  # not an array file, or an array of Python objects
+            raise UserError(f"--features {path} is not a NumPy array of numbers: expected {expected}") from None
+    elif path.suffix in (".pt", ".pth", ".tar"):
+        d = runlib.load_file(path, trust=trust)
+        if isinstance(d, dict):
+            key = next((k for k in ("features", "train_features") if k in d), None)
+            if key is None:
+                raise UserError(f"--features {path} is a dict without 'features' or 'train_features': expected "
+                                f"{expected}")
+            d = d[key]
+        f = torch.as_tensor(d).float().numpy()
+    else:
+        raise UserError(f"--features {path}: expected {expected}, not a {path.suffix or 'suffix-less'} file")
+    if f.ndim != 2 or len(f) != n:
+        raise UserError(f"--features {path} has shape {tuple(f.shape)}, but the train set has {n} images: pass "
+                        "one feature row per train image, in train-set order")
+    return np.asarray(f, dtype=np.float32)
+
+
+def load_features(args, run, dist, train, tfs, ready):
     """[N, d] float32 features of the train set: --features, else the run folder's features.pt (if made from the same
-    weights), else embedded now with the stage-A network (test transform) and cached as features.pt."""
+    weights), else embedded now with the stage-A network (test transform) and cached as features.pt. `ready()` once
+    the inputs are checked, before anything is written."""
     n = len(train)
     if args.features is not None:
-        path = Path(args.features)
-        if not path.is_file():
-            raise UserError(f"--features {path}: no such file")
-        if path.suffix == ".npy":
-            f = np.load(path, allow_pickle=False)
-        else:
-            d = runlib.load_file(path, trust=args.trust_checkpoint)
-            if isinstance(d, dict):
-                key = next((k for k in ("features", "train_features") if k in d), None)
-                if key is None:
-                    raise UserError(f"{path}: expected a tensor or a dict with 'features' or 'train_features'")
-                d = d[key]
-            f = torch.as_tensor(d).float().numpy()
-        if f.ndim != 2 or len(f) != n:
-            raise UserError(f"--features {path} has shape {tuple(f.shape)}, but the train set has {n} images: pass "
-                            "one feature row per train image, in train-set order")
-        f = np.asarray(f, dtype=np.float32)
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12), str(path)
+        f = read_features(Path(args.features), n, args.trust_checkpoint)
+        ready()
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12), args.features
     source = stage_a_source(args, run)
+    backbone, head = load_stage_a(args, source, args.trust_checkpoint)  # checked even when features.pt is reused
     key = str(source) if source is True else f"{source} ({Path(source).stat().st_mtime_ns})"
     cache = run.path("features.pt")
     if cache.exists():
         d = torch.load(cache, map_location="cpu", weights_only=True)
         if d.get("source") == key and d["features"].shape[0] == n:
+            ready()
             return d["features"].numpy(), str(source)
-    backbone, head = load_stage_a(args, source, args.trust_checkpoint)
     net = EmbeddingNet(backbone, args.low_dim if head is None else head["weight"].shape[0])
     if head is not None:
         net.fc.load_state_dict(head)
     else:  # no 128-d head in the checkpoint (e.g. torchvision weights): propagate on the pooled features
         net.fc = nn.Identity()
+    ready()
     net.to(dist.device)
     loader = eval_batches(train, args, dist, tfs[2])
     f = F.normalize(embed(net, loader, n, dist, dist.device, args.amp), dim=1).cpu()
@@ -965,14 +1012,14 @@ def load_features(args, run, dist, train, tfs):
     return f.numpy(), str(source)
 
 
-def run_propagate(args, run, dist, train, tfs, labeled, unlabeled):
-    """Returns the propagation figures (rank 0 computes, the others wait)."""
-    features, source = load_features(args, run, dist, train, tfs)
-    out = run.path(f"pseudo_labels_{args.propagation}.pt")
-    figures = {}
+def run_propagate(args, run, dist, train, tfs, labeled, unlabeled, ready):
+    """Writes pseudo_labels_<propagation>.pt and the figures, propagation_<propagation>.json (rank 0 computes, the
+    others wait)."""
     c = train.num_classes
     y_l = train.targets[labeled]
     check_seeds(y_l, c, f"the labeled split ({len(labeled)} seeds)")  # on every rank: none is left waiting
+    features, source = load_features(args, run, dist, train, tfs, ready)
+    out = run.path(f"pseudo_labels_{args.propagation}.pt")
     if run.is_main:
         keep_probs = len(unlabeled) * c <= 5e7  # ImageNet-size probability tables (5 GB) are not written
         t0 = time.time()
@@ -1012,11 +1059,11 @@ def run_propagate(args, run, dist, train, tfs, labeled, unlabeled):
               f"{wall:.1f} s: pseudo-label accuracy top10% {at[0.1]:.2f}, top20% {at[0.2]:.2f}, all {at[1.0]:.2f} "
               f"(AUC {auc:.2f}) -> {out}", flush=True)
     distributed.barrier()
-    return {"propagation": {args.propagation: figures}} if run.is_main else {}
 
 
 # ---------------------------------------------------------------------------------------------- stage C: finetune
-def run_finetune(args, run, dist, train, test, tfs, state):
+def run_finetune(args, run, dist, train, test, tfs, state, ready):
+    """Cross-entropy on the seeds and the kept pseudo-labels. Returns (completed, the fine-tuning figures)."""
     device, world = dist.device, dist.world_size
     c = train.num_classes
     pseudo_path = Path(args.pseudo_file) if args.pseudo_file else run.path(f"pseudo_labels_{args.propagation}.pt")
@@ -1049,12 +1096,11 @@ def run_finetune(args, run, dist, train, test, tfs, state):
         if not same:
             raise UserError(f"{run.path('checkpoint.pt')} was fine-tuned on other seeds / pseudo-labels: use the same "
                             "--pseudo_file, --pseudo_ratio and --propagation, or another --run_name")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        stream.load_state_dict(state["stream"])
+        restore(state, {"model": net, "optimizer": opt, "scaler": scaler, "stream": stream})
         start = int(state["step"])
-        runlib.set_rng_state(state["rng"])
+        runlib.restore_rng_states(state["rng"], dist.rank, lambda: runlib.seed_everything(
+            args.seed + 1000 * start, dist.rank, args.deterministic))
+    ready()
     model = distributed.wrap(net, dist)
     forward = torch.compile(model) if args.compile else model
     test_loader = eval_batches(test, args, dist, tfs[2])
@@ -1092,7 +1138,7 @@ def run_finetune(args, run, dist, train, test, tfs, state):
             run.log_eval(done, top1, top5, stage="finetune")
             run.save_checkpoint({"stage": "finetune", "step": done, "total": total, "model": net.state_dict(),
                                  "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                                 "stream": stream.state_dict(), "rng": runlib.rng_state(), "rows": rows,
+                                 "stream": stream.state_dict(), "rng": runlib.rng_states(), "rows": rows,
                                  "labels": labels, "labeled": labeled})
     if stop < total:
         print(f"[{run.name}] stopped after iteration {stop} of {total} (--stop_after); continue with --resume auto",
@@ -1142,38 +1188,58 @@ def main(argv=None):
     else:
         labeled, unlabeled = reference_split(train.targets, args.num_labeled, c, args.seed)
         labels_name = str(args.num_labeled)
-    mean_std = datasets.MEAN_STD.get(args.dataset, datasets.MEAN_STD["imagenet"])
-    tfs = make_transforms(args, mean_std)
-    run = runlib.Run(args, METHOD, args.dataset, labels_name, dist)
-    run.save_split(labeled, [train.ids[i] for i in labeled])
-    state = run.resume_state
     if args.pseudo_file and args.stage == "all":
         raise UserError("--pseudo_file replaces the propagate stage: run --stage finetune with it, not --stage all")
+    mean_std = datasets.MEAN_STD.get(args.dataset, datasets.MEAN_STD["imagenet"])
+    tfs = make_transforms(args, mean_std)
+    run = runlib.Run(args, METHOD, args.dataset, labels_name, dist, fixed=FIXED)
+    state = run.resume_state
+    split = run.path("labeled.csv")
+    if split.exists():  # a later stage on this folder (with or without a checkpoint) keeps its seeds
+        saved = datasets.read_index_file(split, len(train))
+        if not np.array_equal(np.sort(saved), np.sort(labeled)):
+            raise UserError(f"{split} holds another labeled split ({len(saved)} seeds) than this command's "
+                            f"({len(labeled)}): pass that run's --num_labeled / --labeled_file / --seed, or "
+                            "--run_name NAME to start a new run")
 
     stages = STAGES if args.stage == "all" else (args.stage,)
-    if state is not None and state.get("stage") == "pretrain" and state["step"] < state["total"] \
-            and "pretrain" not in stages:
+    resumed = state.get("stage") if state is not None else None
+    unfinished = resumed == "pretrain" and state["step"] < state["total"]
+    if unfinished and "pretrain" not in stages:
         raise UserError(f"{run.path('checkpoint.pt')} holds an unfinished pretraining (iteration {state['step']} of "
                         f"{state['total']}): finish it with --stage pretrain --resume auto, or use another --run_name")
+    # The stage this command resumes keeps its optimizer's weight decay; learning rates follow the flags (they are set
+    # at every iteration).
+    if unfinished:
+        run.kept = ("pretrain_wd",)
+    elif resumed == "finetune" and "finetune" in stages:
+        run.kept = ("weight_decay",)
+
+    def ready():
+        """The first stage that runs has checked its inputs (and the checkpoint): from here on the folder is written."""
+        if not run.started:
+            run.start()
+            run.save_split(labeled, [train.ids[i] for i in labeled])
+
     figures = {}
     for stage in stages:
         if stage == "pretrain":
-            unfinished = state is not None and state.get("stage") == "pretrain" and state["step"] < state["total"]
             if run.path("pretrain.pt").exists() and not unfinished:
                 print(f"[{run.name}] pretraining already finished: {run.path('pretrain.pt')}", flush=True)
                 continue
-            finished, f = run_pretrain(args, run, dist, train, test, tfs, state)
+            finished = run_pretrain(args, run, dist, train, test, tfs, state, ready)
         elif stage == "propagate":
             if args.stage == "all" and run.path(f"pseudo_labels_{args.propagation}.pt").exists() and state is not None:
                 print(f"[{run.name}] propagation already done: {run.path(f'pseudo_labels_{args.propagation}.pt')}",
                       flush=True)
                 continue
-            finished, f = True, run_propagate(args, run, dist, train, tfs, labeled, unlabeled)
+            run_propagate(args, run, dist, train, tfs, labeled, unlabeled, ready)
+            finished = True
         else:
-            finished, f = run_finetune(args, run, dist, train, test, tfs, state)
-        figures.update(f)
+            finished, figures = run_finetune(args, run, dist, train, test, tfs, state, ready)
         if not finished:
             break
+    ready()  # every stage asked for was done already
     if run.is_main:
         figures = merged_figures(run, figures)
     # Run.finish would count the pretraining monitor as test evaluations: the fine-tuning figures are set here.

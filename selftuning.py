@@ -466,14 +466,6 @@ def build_transforms(args, name, sample):
     return train, test, ten_crop
 
 
-def gather_objects(obj):
-    if not distributed.is_distributed():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def to_device(x, device):
     if isinstance(x, (list, tuple)):
         return [v.to(device, non_blocking=True) for v in x]
@@ -532,8 +524,12 @@ def main(argv=None):
                                        dist.rank, dist.world_size)
 
     # The fine-tuning baseline gets its own default run name, so both can run on the same data side by side.
-    run = runlib.Run(args, "selftuning" if args.pgc else "selftuning-ft", name, tag, dist)
-    run.save_split(*split)
+    # A resumed run must keep the checkpoint's data split and network shapes; the optimizer and scheduler state
+    # restore the learning rates, weight decay and milestones.
+    run = runlib.Run(args, "selftuning" if args.pgc else "selftuning-ft", name, tag, dist,
+                     fixed=("dataset", "label_ratio", "num_labeled", "expand_label", "seed", "backbone", "pgc",
+                            "projector_dim", "queue_size"),
+                     kept=("lr", "lr_ratio", "weight_decay", "milestones"))
     start = 0
     if run.resume_state is not None:
         s = run.resume_state
@@ -553,14 +549,13 @@ def main(argv=None):
         scaler.load_state_dict(s["scaler"])
         for k, stream in streams.items():
             stream.load_state_dict(s["streams"][k])
-        rngs = s["rng"]
-        if len(rngs) == dist.world_size:
-            runlib.set_rng_state(rngs[dist.rank])
-        else:  # another number of processes: fresh but reproducible streams
-            runlib.seed_everything(args.seed + 1000 * s["step"], dist.rank, args.deterministic)
+        runlib.restore_rng_states(s["rng"], dist.rank, lambda: runlib.seed_everything(
+            args.seed + 1000 * s["step"], dist.rank, args.deterministic))
         start = int(s["step"])
         if dist.is_main:
             print(f"[{run.name}] resumed at iteration {start}", flush=True)
+    run.start()
+    run.save_split(*split)
 
     net = distributed.wrap(qnet, dist)
     if args.compile:
@@ -573,7 +568,7 @@ def main(argv=None):
         state = {"step": step, "qnet": qnet.state_dict(), "key": key.state_dict() if key is not None else {},
                  "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": gather_objects(runlib.rng_state()), "labeled": labeled.source_index,
+                 "rng": runlib.rng_states(), "labeled": labeled.source_index,
                  "streams": {k: v.state_dict() for k, v in streams.items()}, "backbone": args.backbone}
         run.save_checkpoint(state)
 

@@ -24,7 +24,9 @@ Launch (the selection itself runs on the main process; feature extraction is spl
 Outputs in runs/<run_name>/: selected.npy (indices into the training set, in cluster order; draw order for random),
 selected.csv and unselected.csv (columns Index, ImageID, sorted by Index), selected.png (the picks, one row per
 class), summary.json (class coverage and per-class counts, stage timings). Intermediates (features, kNN, k-means)
-go to --cache_dir (default: the run folder) under the reference's file names and are reused when present.
+go to --cache_dir (default: the run folder) under the reference's file names and are reused when present. A folder
+that holds a selection is not overwritten: USL keeps no checkpoint, so `--resume auto` there selects again, from the
+cached intermediates, and replaces the outputs.
 """
 import argparse
 import json
@@ -74,8 +76,10 @@ def parse_args(argv=None):
                    help='self-supervised checkpoint to embed the images with (CLD, MoCo/MoCo-EMAN, SCAN, torchvision); '
                         'no value: the torchvision weights of --backbone')
     g.add_argument('--use_head', action=argparse.BooleanOptionalAction, default=True,
-                   help="embed with the checkpoint's projection head when it has one (CLD 'linear', MoCo 'fc.0/fc.2', "
-                        "SCAN 'contrastive_head'), as the reference does; else the L2-normalised pooled feature")
+                   help="embed with the checkpoint's projection head when it has one (CLD 'linear', MoCo 'fc.0/fc.2' "
+                        "or a MoCo v1 query encoder's 'fc', SCAN 'contrastive_head'), as the reference does; else the "
+                        "L2-normalised pooled feature. A single linear 'fc' of any other checkpoint (torchvision "
+                        "weights, a supervised model) is a classifier: never used")
     g.add_argument('--features', default=None, metavar='X.npy',
                    help='precomputed features (N x D, one row per training image in dataset order) instead of '
                         '--pretrained')
@@ -171,14 +175,20 @@ class FeatureNet(nn.Module):
         self.head_name = 'none'
         self.cld_w = None
         self.mlp = None
+        self.classifier = None  # (classes, dim) of a classification fc left out
         if 'linear.weight' in extra and extra['linear.weight'].shape[0] == backbone.feature_dim:
             # CLD NormedLinear: W is stored (in, out), transposed w.r.t. nn.Linear; cosine layer.
             self.cld_w = nn.Parameter(extra['linear.weight'].float(), requires_grad=False)
             self.head_name = 'cld'
         else:
+            moco = 'encoder_q.' in getattr(backbone, 'pretrained_report', {}).get('prefix', '')
             for prefix, name in (('fc.', 'moco'), ('contrastive_head.', 'scan')):
                 mlp = _mlp_head(extra, prefix)
-                if mlp is not None:
+                if isinstance(mlp, nn.Linear) and prefix == 'fc.' and not moco:
+                    # One linear fc outside a MoCo query encoder (torchvision weights, a supervised model) scores
+                    # classes; it projects no embedding: the pooled feature is used instead.
+                    self.classifier = tuple(mlp.weight.shape)
+                elif mlp is not None:
                     self.mlp, self.head_name = mlp, name
                     break
 
@@ -654,6 +664,28 @@ def class_counts(targets, picks, num_classes):
     return np.bincount(np.asarray(targets)[picks], minlength=num_classes)
 
 
+def read_features(path, n, name, normalize):
+    """--features: float32 (n, D), one row per training image in dataset order, L2-normalised with `normalize`."""
+    expected = 'expected an N x D array of numbers saved with np.save (.npy), one row per training image'
+    try:
+        feats = np.load(path, mmap_mode='r', allow_pickle=False)
+    except OSError as e:
+        raise UserError(f'cannot read --features {path}: {e}') from None
+    except ValueError:  # NumPy's "pickled data" refusal: a CSV, a torch file, an array of Python objects
+        raise UserError(f'--features {path} is not a NumPy array file: {expected}') from None
+    if not isinstance(feats, np.ndarray) or not np.issubdtype(feats.dtype, np.number):  # an .npz, an array of text
+        raise UserError(f'--features {path} holds no array of numbers: {expected}')
+    if feats.ndim != 2 or len(feats) != n:
+        raise UserError(f'--features {path} has shape {feats.shape} but the {name} training set has {n} '
+                        f'images: it needs one row per image, in dataset order')
+    feats = np.array(feats, dtype=np.float32)  # a writable copy of the memory map
+    if not np.isfinite(feats).all():
+        raise UserError(f'--features {path} holds NaN or infinite values')
+    if normalize:
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats
+
+
 def write_outputs(run, train, picks, args, figures):
     picks = np.asarray(picks, dtype=np.int64)
     np.save(run.path('selected.npy'), picks)
@@ -699,48 +731,45 @@ def main(argv=None):
         if args.kmeans_iters < 1 or args.reg_iters < 1:
             raise UserError('--kmeans_iters and --reg_iters must be at least 1')
     labels_tag = f'{args.budget}' if args.selection == 'usl' else f'{args.budget}-random'
-    run = Run(args, 'usl', name, labels_tag, dist)
+    run = Run(args, 'usl', name, labels_tag, dist)  # no checkpoint: --resume auto selects again (module docstring)
     figures = {'selection': args.selection, 'budget': args.budget, 'seed': args.seed, 'dataset_size': n}
 
     if args.selection == 'random':
+        run.start()
         if dist.is_main:
             picks = random_select(n, args.budget, args.seed)
             write_outputs(run, train, picks, args, figures)
             run.finish(**figures)
         return
 
-    cache = Cache(args.cache_dir or run.dir, enabled=True)
-    gpu = use_faiss_gpu(dist.device)
-    timings = {}
-
-    # features (1.2)
+    # features (1.2): the inputs are read, or the network loaded, before anything is written
     t = time.time()
-    if args.features is not None and not dist.is_main:
-        return  # nothing to embed: the main process does the rest
+    net = None
     if args.features is not None:
-        try:
-            feats = np.load(args.features, mmap_mode='r', allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f'cannot read --features {args.features}: {e}') from None
-        if feats.ndim != 2 or len(feats) != n:
-            raise UserError(f'--features {args.features} has shape {feats.shape} but the {name} training set has {n} '
-                            f'images: it needs one row per image, in dataset order')
-        feats = np.array(feats, dtype=np.float32)  # a writable copy of the memory map
-        if not np.isfinite(feats).all():
-            raise UserError(f'--features {args.features} holds NaN or infinite values')
-        if args.normalize:
-            feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        if not dist.is_main:
+            return  # nothing to embed: the main process does the rest
+        feats = read_features(args.features, n, name, args.normalize)
         feat_key = {'features': file_key(args.features), 'normalize': args.normalize}
     else:
+        net = FeatureNet(backbones.build(args.backbone, pretrained=args.pretrained,
+                                         trust_checkpoint=args.trust_checkpoint), args.use_head)
+        if net.classifier is not None and dist.is_main:
+            what = 'the torchvision weights' if args.pretrained is True else args.pretrained
+            print(f"note: the 'fc' of {what} ({net.classifier[0]} x {net.classifier[1]}) is a classifier, not a "
+                  'projection head: embedding with the L2-normalised pooled feature', flush=True)
+        figures['feature_head'] = net.head_name
         src = 'torchvision' if args.pretrained is True else file_key(args.pretrained)
         feat_key = {'pretrained': src, 'backbone': args.backbone, 'use_head': args.use_head, 'dataset': name,
                     'root': str(Path(args.root).resolve()), 'image_size': args.image_size, 'n': n}
+    run.start()
+    cache = Cache(args.cache_dir or run.dir, enabled=True)
+    gpu = use_faiss_gpu(dist.device)
+    timings = {}
+    if net is not None:
         feats = None
         if dist.is_main and not args.recompute_all:
             feats = cache.load('memory_feats_list.npy', feat_key, rows=n)
         if not distributed.broadcast_object(feats is not None):  # every rank embeds a share of the images
-            net = FeatureNet(backbones.build(args.backbone, pretrained=args.pretrained,
-                                             trust_checkpoint=args.trust_checkpoint), args.use_head)
             if dist.is_main:
                 print(f'features: {args.backbone} with head {net.head_name}', flush=True)
             train.transform = eval_transform(name, args.image_size)
@@ -748,7 +777,6 @@ def main(argv=None):
             train.transform = None
             if dist.is_main:
                 cache.save('memory_feats_list.npy', feats, feat_key)
-            figures['feature_head'] = net.head_name
     if not dist.is_main:
         return  # the rest runs on one process
     feats = np.ascontiguousarray(feats, dtype=np.float32)

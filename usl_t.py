@@ -37,8 +37,8 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from common import UserError
 from common import backbones, datasets, distributed
-from common.run import Parser, Run, add_standard_flags, autocast, check_finite, entry, grad_scaler, rng_state, \
-    seed_everything, set_rng_state
+from common.run import Parser, Run, add_standard_flags, autocast, check_finite, entry, grad_scaler, \
+    restore_rng_states, rng_states, seed_everything
 
 # usl-t_pretraining/configs (cifar10, cifar100, ImageNet); None = keep the flag's own default.
 RECIPES = {
@@ -59,6 +59,11 @@ SCAN_MEAN_STD = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
                  'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SMALL = ('cifar10', 'cifar100', 'svhn', 'digits')
+# Adam's first step is lr / (1 - beta1) = 10 lr, applied as a float32 scalar: a larger rate overflows inside torch.
+MAX_LR = torch.finfo(torch.float32).max * (1 - 0.9)
+# Flags a resumed run keeps: they fix the networks' and the optimizer's shapes, the neighbours and the data order.
+FIXED = ('dataset', 'backbone', 'budget', 'num_clusters', 'num_heads', 'head', 'update_head_only', 'num_neighbors',
+         'neighbors', 'seed')
 
 
 def parse_args(argv=None):
@@ -130,7 +135,12 @@ def parse_args(argv=None):
                    help='imagenet selection: densest images per cluster that get the queried label')
     g.add_argument('--grid_per_class', type=int, default=16, help='at most this many images per row of selected.png')
     add_standard_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.lr < MAX_LR:
+        raise UserError(f"--lr {args.lr} must lie in [0, {MAX_LR:.3g}): Adam's first step, 10 x lr, is a float32")
+    if args.weight_decay < 0:
+        raise UserError(f'--weight_decay {args.weight_decay} must be at least 0')
+    return args
 
 
 def resolve_args(args, name):
@@ -543,6 +553,17 @@ def cluster_metrics(pred, targets):
                 ari=float(adjusted_rand_score(targets, pred)), clusters=int((table.sum(1) > 0).sum()))
 
 
+def restore(state, parts):
+    """Load the checkpoint's entries into this command's objects: an entry that does not fit is one line, not a
+    traceback."""
+    for key, obj in parts.items():
+        try:
+            obj.load_state_dict(state[key])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"the checkpoint's {key} does not fit this command ({' '.join(str(e).split())[:300]}): "
+                            'resume with the flags of that run, or pass --run_name NAME to start a new run') from None
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -562,7 +583,8 @@ def main(argv=None):
         raise UserError(f'--head_in_use {args.head_in_use} must lie in 0..{args.num_heads - 1}')
     if args.num_neighbors < 1 or args.num_neighbors + 1 > n:
         raise UserError(f'--num_neighbors {args.num_neighbors} needs more than {args.num_neighbors} training images')
-    run = Run(args, 'usl_t', name, args.budget, dist)
+    # Adam's state holds the learning rate and the weight decay: on resume the checkpoint's win.
+    run = Run(args, 'usl_t', name, args.budget, dist, fixed=FIXED, kept=('lr', 'weight_decay'))
     device = dist.device
 
     # model
@@ -638,22 +660,20 @@ def main(argv=None):
     step = 0
     if run.resume_state is not None:
         st = run.resume_state
-        model.load_state_dict(st['model'])
-        optimizer.load_state_dict(st['optimizer'])
-        scaler.load_state_dict(st['scaler'])
-        local_loss.load_state_dict(st['local_loss'])
-        global_loss.load_state_dict(st['global_loss'])
-        stream.load_state_dict(st['stream'])
-        set_rng_state(st['rng'])
+        restore(st, {'model': model, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
+                     'global_loss': global_loss, 'stream': stream})
         step = int(st['step'])
+        restore_rng_states(st['rng'], dist.rank, lambda: seed_everything(args.seed + 1000 * step, dist.rank,
+                                                                         args.deterministic))
         if dist.is_main:
             print(f'resumed at step {step}', flush=True)
+    run.start()
 
     def save():
         run.save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                              'scaler': scaler.state_dict(), 'local_loss': local_loss.state_dict(),
                              'global_loss': global_loss.state_dict(), 'stream': stream.state_dict(),
-                             'rng': rng_state(), 'step': step, 'neighbors': torch.from_numpy(neighbors)})
+                             'rng': rng_states(), 'step': step, 'neighbors': torch.from_numpy(neighbors)})
 
     def evaluate():
         model.eval()
@@ -692,7 +712,7 @@ def main(argv=None):
         loss_g = torch.stack(losses_g).sum() if losses_g else torch.zeros((), device=device)
         loss_l = torch.stack(losses_l).sum() if losses_l else torch.zeros((), device=device)
         loss = loss_g + args.local_loss_scale * loss_l
-        check_finite(loss, step, run)
+        check_finite(loss.detach(), step + 1, run)  # iterations count from 1, as in the logs
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

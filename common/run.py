@@ -138,6 +138,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_states():
+    """Every rank's RNG states, in rank order (each rank draws its own augmentations): a checkpoint's "rng"."""
+    state = rng_state()
+    if not distributed.is_distributed():
+        return [state]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def restore_rng_states(states, rank, reseed):
+    """This rank's RNG states from a checkpoint's `rng_states()`; saved by another number of processes, the
+    streams are started afresh by `reseed()` (reproducible, but not the uninterrupted run's)."""
+    if isinstance(states, (list, tuple)) and len(states) == (torch.distributed.get_world_size()
+                                                             if distributed.is_distributed() else 1):
+        set_rng_state(states[rank])
+    else:
+        reseed()
+
+
 def _tuples(x):
     # RNG states come back from a weights-only load with lists where tuples were.
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
@@ -205,16 +225,29 @@ def _versions():
 
 
 class Run:
-    """The run folder of the contract. Every rank builds one; only the main rank writes."""
+    """The run folder of the contract. Every rank builds one; only the main rank writes.
 
-    def __init__(self, args, method, dataset, labels, dist=None):
+    Building it writes nothing: it finds the folder and, when resuming, loads the checkpoint and checks it against
+    the command (the script that wrote it, the flags in `fixed`). The script then makes its own checks (the split,
+    the weights) and calls `start()`, which writes args.json and opens the logs; so a refused command leaves the
+    folder byte for byte as it was. `kept` names the flags whose checkpoint value wins on resume (the optimizer's
+    state holds them): a changed one is reported in one line."""
+
+    RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "args.json")
+
+    def __init__(self, args, method, dataset, labels, dist=None, fixed=(), kept=()):
         self.args = args
         self.is_main = dist.is_main if dist is not None else True
+        self.script = method.split("-")[0]  # selftuning-ft is selftuning.py's baseline
         self.name = args.run_name or f"{method}-{dataset}-{labels}-s{args.seed}"
         self.dir = Path(args.logdir) / self.name
+        self.method = method
+        self.flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        self.fixed, self.kept = tuple(fixed), tuple(kept)
         self.evals = []
         self.wall_before = 0.0
-        self.start = time.time()
+        self.start_time = time.time()
+        self.started = False
         self.resume_state = self._resume_state(args)
         if self.resume_state is not None:
             saved = self.resume_state.get("run", {})
@@ -223,36 +256,69 @@ class Run:
         self._bar = None
         self._last_line = 0.0
         self._rate = (None, None)
-        if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            self.save_json("args.json", {"method": method, "argv": sys.argv, "flags": flags, "versions": _versions()})
-            if self.resume_state is not None:
-                self._rewrite_metrics()
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(self.dir))
-            table = "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(flags.items()))
-            self.writer.add_text("hyperparameters", table)
 
     def _resume_state(self, args):
         ckpt = self.dir / "checkpoint.pt"
         if args.resume is None:
-            if ckpt.exists():
-                raise UserError(f"{self.dir} already holds a checkpoint: pass --resume auto to continue that run, "
-                                "or --run_name NAME to start a new one")
+            # the main rank decides: the others may look after it has started writing
+            held = [f for f in self.RUN_FILES if (self.dir / f).exists()] if self.is_main else []
+            if held:
+                raise UserError(f"{self.dir} already holds a run ({', '.join(held)}): pass --resume auto to continue "
+                                "it, or --run_name NAME to start a new one")
             return None
         path = ckpt if args.resume == "auto" else Path(args.resume)
         if not path.exists():
             if args.resume == "auto":
                 return None  # nothing to continue yet: start the run
             raise UserError(f"--resume {path}: no such checkpoint file")
-        return load_file(path, trust=args.trust_checkpoint)
+        state = load_file(path, trust=args.trust_checkpoint)
+        wrote = state.get("script") if isinstance(state, dict) else None
+        if wrote != self.script:
+            who = f"was written by {wrote}.py" if wrote else "is not a checkpoint of these scripts (it names no script)"
+            raise UserError(f"{path} {who}; this is {self.script}.py: resume with the script that wrote it, or pass "
+                            "--run_name NAME to start a new run")
+        saved = state.get("flags", {})
+        changed = [f for f in self.fixed if saved.get(f) != self.flags.get(f)]
+        if changed:
+            raise UserError(f"the checkpoint {path} was made with {_flag_list(saved, changed)}; this command asks "
+                            f"for {_flag_list(self.flags, changed)}: resume with the same flags, or pass --run_name "
+                            "NAME to start a new run")
+        return state
+
+    def start(self):
+        """Write args.json, metrics.jsonl (the evaluations the checkpoint holds; none on a fresh start, so a run cut
+        off before its first checkpoint leaves no duplicates) and open TensorBoard; remove temporary files of writes
+        that were killed."""
+        self.started = True
+        if not self.is_main:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.dir)
+        self.save_json("args.json", {"method": self.method, "argv": sys.argv, "flags": self.flags,
+                                     "versions": _versions()})
+        self._rewrite_metrics()
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(str(self.dir))
+        table = "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(self.flags.items()))
+        self.writer.add_text("hyperparameters", table)
+        if self.resume_state is not None:
+            saved = self.resume_state.get("flags", {})
+            kept = [f for f in self.kept if f in saved and saved[f] != self.flags.get(f)]
+            if kept:
+                print(f"[{self.name}] resuming keeps the checkpoint's {_flag_list(saved, kept)} (asked: "
+                      f"{_flag_list(self.flags, kept)}); start a new --run_name to change them", flush=True)
+        return self
 
     def path(self, name):
         return self.dir / name
 
     # logging
+    def _check_started(self):
+        if not self.started:
+            raise RuntimeError("Run.start() must come before anything is written to the run folder")
+
     def log(self, step, scalars):
+        self._check_started()
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, float(v), step)
@@ -305,23 +371,27 @@ class Run:
 
     # files
     def wall_s(self):
-        return self.wall_before + time.time() - self.start
+        return self.wall_before + time.time() - self.start_time
 
     def save_json(self, name, obj):
+        self._check_started()
         if self.is_main:
             atomic_write(self.dir / name, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
     def save_split(self, indices, ids):
         """labeled.csv: the labeled training images as `Index,ImageID` rows (positions in the training set, in the
         format every labeled-index flag reads, so a split can be reused as it is)."""
+        self._check_started()
         if self.is_main:
             rows = "".join(f"{int(i)},{name}\n" for i, name in zip(indices, ids))
             atomic_write(self.dir / "labeled.csv", lambda f: f.write(("Index,ImageID\n" + rows).encode()))
 
     def save_checkpoint(self, state):
         """Write checkpoint.pt atomically (a temporary file, then rename): a crash never leaves half a checkpoint."""
+        self._check_started()
         if self.is_main:
-            state = _loadable({**state, "run": {"evals": self.evals, "wall_s": self.wall_s()}})
+            state = _loadable({**state, "script": self.script, "flags": self.flags,
+                               "run": {"evals": self.evals, "wall_s": self.wall_s()}})
             atomic_write(self.dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
     def finish(self, **figures):
@@ -342,6 +412,28 @@ class Run:
             shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
             print(f"[{self.name}] done: " + json.dumps(shown, default=str), flush=True)
         return summary
+
+
+def _flag_list(flags, names):
+    return " ".join(f"--{n} {flags.get(n)}" for n in names)
+
+
+def _remove_stale_temporaries(folder):
+    """Temporary files of atomic writes whose process is gone (killed mid-write): `.<name>.tmp<PID>`."""
+    for tmp in folder.glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _loadable(x):

@@ -1,6 +1,7 @@
 """Deep Metric Transfer: the method math on hand-made tensors, then every stage through the command line."""
 import json
 import math
+import shutil
 import sys
 import types
 
@@ -13,6 +14,7 @@ import metric_transfer as mt
 from common import UserError
 from conftest import assert_ok, assert_user_error, run_script, script_env
 from fakedata import write_cifar, write_imagefolder
+from runhelpers import cli, snapshot
 
 
 # ------------------------------------------------------------------------------------------------ stage A math
@@ -241,15 +243,25 @@ def cifar(tmp_path_factory):
     return write_cifar(tmp_path_factory.mktemp("mt_data") / "cifar10", per_class_train=6, per_class_test=2)
 
 
+def base_flags(cifar, logdir):
+    """--stage all on a tiny CIFAR-10 (60 train images) with kNN propagation, in the run folder logdir/mt."""
+    return ["--stage", "all", "--root", cifar, "--dataset", "cifar10", "--num_labeled", "20", "--propagation", "knn",
+            "--pseudo_ratio", "0.2", "--max_iter", "2", "--run_name", "mt", "--logdir", logdir, *COMMON]
+
+
 @pytest.fixture(scope="module")
 def base_run(cifar, tmp_path_factory):
-    """--stage all on a tiny CIFAR-10 (60 train images) with kNN propagation, in one run folder."""
     logdir = tmp_path_factory.mktemp("mt_runs")
     env = script_env(tmp_path_factory.mktemp("mt_env"))
-    proc = run_script("metric_transfer.py", "--stage", "all", "--root", cifar, "--dataset", "cifar10",
-                      "--num_labeled", "20", "--propagation", "knn", "--pseudo_ratio", "0.2", "--max_iter", "2",
-                      "--run_name", "mt", "--logdir", logdir, *COMMON, env=env)
+    proc = run_script("metric_transfer.py", *base_flags(cifar, logdir), env=env)
     return logdir / "mt", proc, env
+
+
+def copy_of(base_run, tmp_path):
+    """A copy of the finished --stage all folder, to resume without touching the shared one."""
+    folder, proc, _ = base_run
+    assert_ok(proc)
+    return shutil.copytree(folder, tmp_path / "mt")
 
 
 def test_stage_all_then_spectral_propagation_on_the_same_folder(base_run, cifar):
@@ -364,6 +376,107 @@ def test_two_processes_keep_one_memory_bank_and_run_every_stage(cifar, tmp_path)
     assert summary["final_top1"] is not None and summary["propagation"]["knn"]["num_unlabeled"] == 40
 
 
+def test_two_process_resume_equals_an_uninterrupted_run(cifar, tmp_path):
+    # every rank draws its own crops and NCE noise: each must get its own RNG state back
+    flags = ["--stage", "pretrain", "--root", str(cifar), "--num_labeled", "20", "--nce_k", "16", "--max_iter", "4",
+             "--eval_interval", "2", "--deterministic", "--logdir", str(tmp_path), *COMMON]
+    # the uninterrupted run and the stopped one share a launch (start-up is most of the cost); the resume is its own
+    driver = tmp_path / "whole_and_cut.py"
+    driver.write_text(f"import metric_transfer as mt\nflags = {flags!r}\nmt.main(flags + ['--run_name', 'whole'])\n"
+                      "mt.main(flags + ['--run_name', 'cut', '--stop_after', '2'])\n")
+    env = script_env(tmp_path)
+    assert_ok(run_script(driver, env=env, torchrun=2))
+    assert not (tmp_path / "cut/pretrain.pt").exists()
+    assert_ok(run_script("metric_transfer.py", *flags, "--run_name", "cut", "--resume", "auto", env=env, torchrun=2))
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "cut")
+    assert [m["iter"] for m in metrics(tmp_path / "cut")] == [2, 4]
+    a = torch.load(tmp_path / "whole/pretrain.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut/pretrain.pt", weights_only=True)
+    assert torch.equal(a["memory"], b["memory"])
+    for part in ("backbone", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+def test_refused_resume_leaves_the_folder_byte_identical(base_run, cifar, tmp_path):
+    folder = copy_of(base_run, tmp_path)
+    flags = [*base_flags(cifar, tmp_path), "--resume", "auto"]
+
+    def refused(*extra, fragments):
+        before = snapshot(folder)
+        assert_user_error(cli(mt.main, *flags, *extra), *fragments)
+        assert snapshot(folder) == before
+
+    refused("--num_labeled", "30", fragments=["was made with --num_labeled 20", "asks for --num_labeled 30"])
+    refused("--backbone", "resnet18", fragments=["--backbone wrn28_2", "--backbone resnet18"])
+    np.save(tmp_path / "seeds.npy", np.arange(20))
+    refused("--labeled_file", tmp_path / "seeds.npy", fragments=["--labeled_file None", "seeds.npy"])
+    # a checkpoint of this script whose network does not fit: one line, not a state-dict traceback
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    state["model"]["fc.weight"] = torch.zeros(3, 128)
+    torch.save(state, folder / "checkpoint.pt")
+    refused(fragments=["the checkpoint's model does not fit", "size mismatch for fc.weight"])
+    # without a checkpoint (a folder that only propagated), the seeds in labeled.csv still fix the split
+    (folder / "checkpoint.pt").unlink()
+    refused("--num_labeled", "30", fragments=["labeled.csv holds another labeled split (20 seeds)", "(30)"])
+
+
+def test_another_scripts_checkpoint_is_refused(cifar, tmp_path):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    # what metasemi.py leaves: evaluations that must not become this run's
+    torch.save({"script": "metasemi", "flags": {"dataset": "cifar10", "seed": 0}, "step": 7,
+                "run": {"evals": [{"iter": 7, "top1": 55.0, "top5": 90.0}], "wall_s": 3.0}}, folder / "checkpoint.pt")
+    (folder / "metrics.jsonl").write_text('{"iter": 7, "top1": 55.0, "top5": 90.0}\n')
+    before = snapshot(folder)
+    flags = ["--root", cifar, "--num_labeled", "20", "--max_iter", "2", "--logdir", tmp_path, *COMMON]
+    assert_user_error(cli(mt.main, *flags, "--run_name", "other", "--resume", "auto"),
+                      "checkpoint.pt was written by metasemi.py", "this is metric_transfer.py")
+    assert_user_error(cli(mt.main, *flags, "--run_name", "new", "--resume", folder / "checkpoint.pt"),
+                      "was written by metasemi.py")
+    torch.save({"model": {}, "step": 3}, folder / "checkpoint.pt")  # older checkpoints name no script
+    before = snapshot(folder)
+    assert_user_error(cli(mt.main, *flags, "--run_name", "other", "--resume", "auto"), "names no script")
+    assert snapshot(folder) == before and not (tmp_path / "new").exists()
+
+
+def test_metrics_without_a_checkpoint_are_kept_until_resume_and_then_not_duplicated(cifar, tmp_path, one_thread):
+    # a run cut off before its first checkpoint leaves its evaluations in metrics.jsonl
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"iter": 2, "top1": 10.0, "top5": null, "stage": "pretrain"}\n')
+    before = snapshot(folder)
+    flags = ["--stage", "pretrain", "--root", cifar, "--num_labeled", "20", "--max_iter", "2", "--run_name", "cut",
+             "--logdir", tmp_path, *COMMON]
+    assert_user_error(cli(mt.main, *flags), "already holds a run (metrics.jsonl)", "--resume auto")
+    assert snapshot(folder) == before
+    assert_ok(cli(mt.main, *flags, "--resume", "auto"))  # nothing to continue: a fresh start
+    assert [m["iter"] for m in metrics(folder)] == [2]
+
+
+def test_stage_all_resumed_in_finetuning_keeps_the_figures_of_the_earlier_stages(base_run, cifar, tmp_path,
+                                                                                 one_thread):
+    folder = copy_of(base_run, tmp_path)
+    done = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").unlink()  # as a run killed after its last fine-tuning checkpoint leaves it
+    assert_ok(cli(mt.main, *base_flags(cifar, tmp_path), "--resume", "auto"))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["pretrain_knn_top1"] == done["pretrain_knn_top1"]
+    assert summary["propagation"] == done["propagation"] and "knn" in summary["propagation"]
+    assert summary["final_top1"] == done["final_top1"] and summary["num_pseudo"] == done["num_pseudo"]
+
+
+def test_resumed_finetuning_reports_the_weight_decay_it_keeps(base_run, cifar, tmp_path, one_thread):
+    copy_of(base_run, tmp_path)
+    proc = cli(mt.main, *base_flags(cifar, tmp_path), "--resume", "auto", "--weight_decay", "0.001", "--lr", "0.1")
+    assert_ok(proc)
+    kept = [line for line in proc.stdout.splitlines() if "resuming keeps" in line]
+    # the learning rate is set from the flags at every iteration: only the weight decay is the checkpoint's
+    assert kept == ["[mt] resuming keeps the checkpoint's --weight_decay 0.0005 (asked: --weight_decay 0.001); "
+                    "start a new --run_name to change them"]
+
+
 # --------------------------------------------------------------------------------------------------- bad inputs
 def test_pseudo_ratio_outside_the_unit_interval_is_one_clear_line(tmp_path):
     proc = run_script("metric_transfer.py", "--root", tmp_path, "--pseudo_ratio", "1.5", env=script_env(tmp_path))
@@ -415,3 +528,25 @@ def test_dali_subset_stream_maps_rows_back_to_the_full_set(tmp_path):
     x, y, idx = next(iter(stream))
     assert x.shape == (3, 3, 32, 32) and sorted(idx.tolist()) == [2, 5, 9]
     assert {int(i): int(v) for i, v in zip(idx, y)} == {9: 1, 2: 0, 5: 2}  # the labels passed (pseudo-labels)
+
+
+def test_failed_inputs_leave_no_run_folder(base_run, cifar, tmp_path):
+    folder, proc, _ = base_run
+    assert_ok(proc)
+    base = ["--root", cifar, "--num_labeled", "20", "--logdir", tmp_path, "--run_name", "r", *COMMON]
+    wrong = tmp_path / "resnet18.pt"
+    torch.save(mt.backbones.build("resnet18").state_dict(), wrong)
+    assert_user_error(cli(mt.main, *base, "--stage", "propagate", "--pretrained", tmp_path / "missing.pt"),
+                      "--pretrained", "missing.pt: no such file")
+    assert_user_error(cli(mt.main, *base, "--stage", "all", "--pretrained", wrong),
+                      "resnet18.pt looks like a checkpoint for another network, not wrn28_2")
+    assert_user_error(cli(mt.main, *base, "--stage", "finetune", "--pretrained", wrong, "--pseudo_file",
+                          folder / "pseudo_labels_knn.pt"), "another network")
+    (tmp_path / "f.csv").write_text("0.1,0.2\n" * 60)
+    assert_user_error(cli(mt.main, *base, "--stage", "propagate", "--features", tmp_path / "f.csv"),
+                      "--features", "f.csv", "expected a .npy array or a .pt / .pth.tar file")
+    np.save(tmp_path / "f.npy", np.array([{"a": 1}] * 60, dtype=object))
+    assert_user_error(cli(mt.main, *base, "--stage", "propagate", "--features", tmp_path / "f.npy"),
+                      "f.npy is not a NumPy array of numbers")
+    assert_user_error(cli(mt.main, *base, "--lr", "1e39"), "--lr 1e+39 must lie in [0, 3.4e+38)")
+    assert not (tmp_path / "r").exists()

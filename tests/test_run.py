@@ -37,7 +37,7 @@ def test_parser_accepts_dashed_spelling_and_shows_defaults(tmp_path, capsys):
 
 
 def test_run_folder_name_and_args_json(tmp_path):
-    run = R.Run(make_args(tmp_path), "fixmatch", "cifar10", 40)
+    run = R.Run(make_args(tmp_path), "fixmatch", "cifar10", 40).start()
     assert run.dir == tmp_path / "fixmatch-cifar10-40-s1"
     saved = json.loads((run.dir / "args.json").read_text())
     assert saved["flags"]["batch_size"] == 64 and saved["versions"]["torch"] == torch.__version__
@@ -45,7 +45,7 @@ def test_run_folder_name_and_args_json(tmp_path):
 
 
 def test_existing_checkpoint_needs_resume_and_nothing_is_deleted(tmp_path):
-    run = R.Run(make_args(tmp_path), "m", "d", 4)
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
     run.log_eval(1, 10.0, 20.0)
     run.save_checkpoint({"step": 1})
     run.finish()
@@ -55,11 +55,11 @@ def test_existing_checkpoint_needs_resume_and_nothing_is_deleted(tmp_path):
 
 
 def test_resume_restores_history_and_drops_evaluations_after_the_checkpoint(tmp_path):
-    run = R.Run(make_args(tmp_path), "m", "d", 4)
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
     run.log_eval(10, 50.0, 90.0)
     run.save_checkpoint({"step": 10, "labeled": np.arange(4)})
     run.log_eval(20, 60.0, 95.0)  # logged by a run that then died before its next checkpoint
-    again = R.Run(make_args(tmp_path, resume="auto"), "m", "d", 4)
+    again = R.Run(make_args(tmp_path, resume="auto"), "m", "d", 4).start()
     assert again.resume_state["step"] == 10
     assert again.resume_state["labeled"].tolist() == [0, 1, 2, 3]
     lines = (again.dir / "metrics.jsonl").read_text().splitlines()
@@ -73,7 +73,7 @@ def test_resume_restores_history_and_drops_evaluations_after_the_checkpoint(tmp_
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    run = R.Run(make_args(tmp_path), "m", "d", 4)
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
     run.save_checkpoint({"step": 1})
 
     def crash(*a, **k):
@@ -93,7 +93,7 @@ def test_rng_state_round_trip():
 
 
 def test_check_finite_names_step_and_checkpoint(tmp_path):
-    run = R.Run(make_args(tmp_path), "m", "d", 4)
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
     R.check_finite(torch.tensor(1.0), 3, run)
     with pytest.raises(UserError, match="iteration 7.*no checkpoint"):
         R.check_finite(torch.tensor(float("nan")), 7, run)
@@ -134,3 +134,91 @@ def test_two_process_collectives(tmp_path):
     proc = run_script(script, torchrun=2, timeout=180)
     assert_ok(proc)
     assert proc.stdout.count("ok") == 2
+
+
+def test_nothing_is_written_before_start(tmp_path):
+    run = R.Run(make_args(tmp_path), "m", "d", 4)
+    assert not run.dir.exists()
+    with pytest.raises(RuntimeError, match="start"):
+        run.log_eval(1, 10.0)
+    with pytest.raises(RuntimeError, match="start"):
+        run.save_checkpoint({"step": 1})
+    run.start()
+    assert sorted(p.name for p in run.dir.iterdir() if not p.name.startswith("events")) == ["args.json",
+                                                                                           "metrics.jsonl"]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_checkpoint_of_another_script_or_other_fixed_flags_is_refused_before_any_write(tmp_path):
+    run = R.Run(make_args(tmp_path, batch_size=8, run_name="r"), "selftuning-ft", "d", 4, fixed=("batch_size",)).start()
+    run.log_eval(1, 10.0)
+    run.save_checkpoint({"step": 1})
+    before = snapshot(run.dir)
+    with pytest.raises(UserError) as e:
+        R.Run(make_args(tmp_path, resume="auto", run_name="r"), "metasemi", "d", 4, fixed=("batch_size",))
+    assert str(e.value).startswith(f"{run.dir / 'checkpoint.pt'} was written by selftuning.py; this is metasemi.py")
+    with pytest.raises(UserError) as e:
+        R.Run(make_args(tmp_path, resume="auto", run_name="r"), "selftuning", "d", 4, fixed=("batch_size",))
+    assert "was made with --batch_size 8; this command asks for --batch_size 64" in str(e.value)
+    torch.save({"step": 1, "model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="is not a checkpoint of these scripts"):
+        R.Run(make_args(tmp_path, resume=tmp_path / "foreign.pt", run_name="other"), "m", "d", 4)
+    assert snapshot(run.dir) == before and not (tmp_path / "other").exists()
+    # the same script and the same fixed flags resume
+    again = R.Run(make_args(tmp_path, resume="auto", batch_size=8, run_name="r"), "selftuning", "d", 4, fixed=("batch_size",))
+    assert again.resume_state["step"] == 1
+
+
+def test_a_folder_with_evaluations_but_no_checkpoint_gets_no_duplicates(tmp_path):
+    # killed after its first evaluation, before its first checkpoint
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
+    run.log_eval(5, 10.0)
+    before = snapshot(run.dir)
+    with pytest.raises(UserError, match="already holds a run .*metrics.jsonl.*--resume auto"):
+        R.Run(make_args(tmp_path), "m", "d", 4)
+    assert snapshot(run.dir) == before
+    again = R.Run(make_args(tmp_path, resume="auto"), "m", "d", 4).start()  # nothing to resume: a fresh start
+    assert again.resume_state is None and (again.dir / "metrics.jsonl").read_text() == ""
+    again.log_eval(5, 11.0)
+    lines = (again.dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["top1"] for l in lines] == [11.0]
+
+
+def test_start_removes_temporaries_of_killed_writes_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
+    run.save_checkpoint({"step": 1})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (run.dir / f".checkpoint.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    (run.dir / f".checkpoint.pt.tmp{os.getpid()}").write_bytes(b"being written")  # a live writer's
+    R.Run(make_args(tmp_path, resume="auto"), "m", "d", 4).start()
+    assert not (run.dir / f".checkpoint.pt.tmp{dead}").exists()
+    assert (run.dir / f".checkpoint.pt.tmp{os.getpid()}").exists()
+
+
+def test_resume_says_which_flags_the_checkpoint_keeps(tmp_path, capsys):
+    parser_args = make_args(tmp_path, batch_size=8)
+    run = R.Run(parser_args, "m", "d", 4, kept=("batch_size", "seed")).start()
+    run.save_checkpoint({"step": 1})
+    capsys.readouterr()
+    R.Run(make_args(tmp_path, resume="auto", batch_size=16), "m", "d", 4, kept=("batch_size", "seed")).start()
+    out = capsys.readouterr().out
+    assert "resuming keeps the checkpoint's --batch_size 8 (asked: --batch_size 16)" in out
+    R.Run(make_args(tmp_path, resume="auto", batch_size=8), "m", "d", 4, kept=("batch_size",)).start()
+    assert "keeps" not in capsys.readouterr().out
+
+
+def test_rng_states_of_a_single_process_restore():
+    states = R.rng_states()
+    a = torch.rand(2)
+    R.restore_rng_states(states, 0, reseed=lambda: pytest.fail("same world size: no reseed"))
+    assert torch.equal(torch.rand(2), a)
+    called = []
+    R.restore_rng_states(states * 2, 0, reseed=lambda: called.append(1))  # saved by two processes
+    assert called == [1]

@@ -9,6 +9,7 @@ import usl
 from common import UserError, backbones, datasets
 from conftest import assert_ok, assert_user_error, run_script
 from fakedata import write_cifar, write_imagefolder
+from runhelpers import cli, snapshot
 
 
 # ------------------------------------------------------------------------------------------------- kNN density
@@ -217,7 +218,7 @@ def test_cli_cifar_end_to_end_cache_and_features(cifar, env, capsys):
     assert (run / 'd_knns_5.npy').exists() and (run / 'cluster_labels_10_1.npy').exists()
 
     # a second run (in this process: no start-up cost) reuses every intermediate and selects the same images
-    usl.main([str(a) for a in ['--pretrained', ckpt, *common]])
+    usl.main([str(a) for a in ['--pretrained', ckpt, *common, '--resume', 'auto']])
     assert capsys.readouterr().out.count('cache: reusing') == 3
     assert np.load(run / 'selected.npy').tolist() == picks.tolist()
 
@@ -316,3 +317,61 @@ def test_torchrun_two_processes_embed_in_dataset_order(cifar, env):
     ref = usl.extract_features(net, train, args, Dist(0, 1, 0, torch.device('cpu'), True))
     np.testing.assert_allclose(feats, ref, atol=1e-4)
     assert len(np.load(tmp / 'runs' / 'ddp' / 'selected.npy')) == 6
+
+
+def test_a_selection_is_not_overwritten_and_resume_auto_selects_again(cifar, tmp_path):
+    root, _, _ = cifar
+    np.save(tmp_path / 'feats.npy', np.random.RandomState(0).randn(60, 8).astype(np.float32))
+    flags = ['--root', root, '--features', tmp_path / 'feats.npy', '--knn_k', 5, '--kmeans_iters', 10,
+             '--num_centroids', 8, '--logdir', tmp_path, '--run_name', 'sel', '--device', 'cpu']
+    assert_ok(cli(usl.main, *flags, '--budget', 5))
+    folder = tmp_path / 'sel'
+    before = snapshot(folder)
+    assert_user_error(cli(usl.main, *flags, '--budget', 6), 'sel already holds a run', '--resume auto')
+    assert snapshot(folder) == before
+    # no checkpoint to continue: --resume auto selects again from the cached intermediates, replacing the outputs
+    proc = cli(usl.main, *flags, '--budget', 6, '--resume', 'auto')
+    assert_ok(proc)
+    assert f"cache: reusing {folder / 'd_knns_5.npy'}" in proc.stdout.splitlines()
+    picks = np.load(folder / 'selected.npy')
+    assert len(picks) == 6 and datasets.read_index_file(folder / 'selected.csv', 60).tolist() == sorted(picks)
+    assert json.loads((folder / 'summary.json').read_text())['num_selected'] == 6
+    assert json.loads((folder / 'args.json').read_text())['flags']['budget'] == 6
+
+
+def test_bad_feature_and_checkpoint_files_are_one_line_and_leave_no_run_folder(cifar, tmp_path):
+    root, _, _ = cifar
+    base = ['--root', root, '--dataset', 'cifar10', '--budget', 5, '--knn_k', 3, '--logdir', tmp_path,
+            '--run_name', 'r', '--device', 'cpu', '--workers', 0]
+    (tmp_path / 'f.csv').write_text('0.1,0.2\n' * 60)
+    assert_user_error(cli(usl.main, *base, '--features', tmp_path / 'f.csv'),
+                      '--features', 'f.csv is not a NumPy array file', 'N x D array of numbers', '.npy')
+    np.save(tmp_path / 'text.npy', np.array(['a'] * 60))
+    assert_user_error(cli(usl.main, *base, '--features', tmp_path / 'text.npy'), 'text.npy holds no array of numbers')
+    assert_user_error(cli(usl.main, *base, '--pretrained', tmp_path / 'missing.pth'),
+                      'checkpoint not found', 'missing.pth')
+    torch.save(backbones.build('resnet18').state_dict(), tmp_path / 'resnet18.pth')
+    assert_user_error(cli(usl.main, *base, '--pretrained', tmp_path / 'resnet18.pth'),
+                      'resnet18.pth looks like a checkpoint for another network, not cifar_resnet18')
+    assert not (tmp_path / 'r').exists()
+
+
+def test_a_classifier_fc_is_not_taken_for_a_projection_head(cifar, tmp_path):
+    root, _, _ = cifar
+    torch.manual_seed(0)
+    sd = backbones.build('cifar_resnet18').state_dict()
+    sd.update({'fc.weight': torch.randn(10, 512), 'fc.bias': torch.zeros(10)})  # a supervised CIFAR-10 model
+    torch.save(sd, tmp_path / 'supervised.pth')
+    proc = cli(usl.main, '--root', root, '--dataset', 'cifar10', '--pretrained', tmp_path / 'supervised.pth',
+               '--budget', 5, '--knn_k', 3, '--kmeans_iters', 5, '--workers', 0, '--logdir', tmp_path,
+               '--run_name', 'r', '--device', 'cpu')
+    assert_ok(proc)
+    assert f"note: the 'fc' of {tmp_path / 'supervised.pth'} (10 x 512) is a classifier, not a projection head: " \
+        'embedding with the L2-normalised pooled feature' in proc.stdout.splitlines()
+    assert json.loads((tmp_path / 'r' / 'summary.json').read_text())['feature_head'] == 'none'
+    assert np.load(tmp_path / 'r' / 'memory_feats_list.npy').shape == (60, 512)
+    # the one linear fc of a MoCo v1 query encoder is its projection
+    moco = {f'module.encoder_q.{k}': v for k, v in sd.items()}
+    torch.save({'state_dict': moco}, tmp_path / 'moco_v1.pth')
+    net = usl.FeatureNet(backbones.build('cifar_resnet18', pretrained=str(tmp_path / 'moco_v1.pth')))
+    assert net.head_name == 'moco' and net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

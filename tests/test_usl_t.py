@@ -1,6 +1,7 @@
 """usl_t.py: the local and global losses on hand-made logits, re-seeding, selection rules, the command line."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 
 import usl_t
 from common import UserError, backbones, datasets
-from conftest import assert_ok, run_script
+from conftest import assert_ok, assert_user_error, run_script
 from fakedata import write_cifar, write_imagefolder
+from runhelpers import cli, snapshot
 
 
 def test_sharpen():
@@ -195,3 +197,90 @@ def test_bad_inputs(cifar, tmp_path):
     np.save(tmp_path / 'nb.npy', np.zeros((29, 21), dtype=np.int64))
     msg = error(*base, '--budget', 4, '--backbone', 'wrn28_2', '--neighbors', tmp_path / 'nb.npy')
     assert 'nb.npy' in msg and '(29, 21)' in msg and '30 rows' in msg
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+@pytest.fixture
+def one_thread():
+    """In-process runs: one thread like the subprocesses, and the global deterministic switch restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)
+
+
+def tiny(root, logdir, *extra):
+    return ['--root', root, *SMALL, '--max_iter', 2, '--logdir', logdir, '--run_name', 'r', *extra]
+
+
+@pytest.fixture(scope='module')
+def finished(cifar):
+    """A finished two-iteration run (its checkpoint at iteration 2), made in this process."""
+    root, tmp = cifar
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert_ok(cli(usl_t.main, *tiny(root, tmp / 'finished')))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    return tmp / 'finished' / 'r'
+
+
+@pytest.mark.filterwarnings('error:Converting a tensor with requires_grad')
+def test_training_raises_no_requires_grad_warning(cifar, tmp_path, one_thread):
+    root, _ = cifar
+    assert_ok(cli(usl_t.main, *tiny(root, tmp_path)))
+
+
+def test_refused_resume_leaves_the_folder_byte_identical(cifar, finished, tmp_path, one_thread):
+    root, _ = cifar
+    folder = shutil.copytree(finished, tmp_path / 'r')
+    flags = [*tiny(root, tmp_path), '--resume', 'auto']
+
+    def refused(*extra, fragments):
+        before = snapshot(folder)
+        assert_user_error(cli(usl_t.main, *flags, *extra), *fragments)
+        assert snapshot(folder) == before
+
+    refused('--budget', 5, fragments=['was made with --budget 4', 'asks for --budget 5'])
+    refused('--backbone', 'cifar_resnet18', fragments=['--backbone wrn28_2', '--backbone cifar_resnet18'])
+    refused('--num_neighbors', 2, fragments=['--num_neighbors 3', '--num_neighbors 2'])
+    # a checkpoint of this script whose heads do not fit: one line, not a state-dict traceback
+    state = torch.load(folder / 'checkpoint.pt', weights_only=True)
+    state['model']['heads.0.weight'] = torch.zeros(2, 128)
+    torch.save(state, folder / 'checkpoint.pt')
+    refused(fragments=["the checkpoint's model does not fit", 'size mismatch for heads.0.weight'])
+    # another script's checkpoint (it holds no neighbours) is refused before anything reads it
+    torch.save({'script': 'usl', 'flags': {}, 'run': {'evals': [{'iter': 9, 'top1': 1.0}]}}, folder / 'checkpoint.pt')
+    refused(fragments=['checkpoint.pt was written by usl.py', 'this is usl_t.py'])
+
+
+def test_resume_reports_the_learning_rate_it_keeps(cifar, finished, tmp_path, one_thread):
+    root, _ = cifar
+    shutil.copytree(finished, tmp_path / 'r')
+    proc = cli(usl_t.main, *tiny(root, tmp_path), '--resume', 'auto', '--lr', 1e-3)
+    assert_ok(proc)
+    assert "[r] resuming keeps the checkpoint's --lr 0.0001 (asked: --lr 0.001); start a new --run_name to change " \
+        'them' in proc.stdout.splitlines()
+
+
+def test_nan_loss_names_the_iteration_of_the_logs(cifar, tmp_path, one_thread):
+    root, _ = cifar
+    # the first step moves the weights by ~10 x lr = 1e38: the second loss is not finite
+    proc = cli(usl_t.main, *tiny(root, tmp_path, '--lr', 1e37))
+    assert_user_error(proc, 'the loss is nan at iteration 2', 'lower --lr')
+    assert '[r] iter 1/2' in proc.stdout and 'iter 2/2' not in proc.stdout
+
+
+def test_bad_inputs_leave_no_run_folder(cifar, tmp_path, one_thread):
+    root, _ = cifar
+    assert_user_error(cli(usl_t.main, *tiny(root, tmp_path, '--lr', 1e38)),
+                      '--lr 1e+38 must lie in [0, 3.4e+37)', 'float32')
+    assert_user_error(cli(usl_t.main, *tiny(root, tmp_path, '--pretrained', tmp_path / 'missing.pth')),
+                      'checkpoint not found', 'missing.pth')
+    torch.save(backbones.build('resnet18').state_dict(), tmp_path / 'resnet18.pth')
+    assert_user_error(cli(usl_t.main, *tiny(root, tmp_path, '--pretrained', tmp_path / 'resnet18.pth')),
+                      'resnet18.pth looks like a checkpoint for another network, not wrn28_2')
+    assert not (tmp_path / 'r').exists()
