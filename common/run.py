@@ -254,7 +254,7 @@ class Run:
             self.evals, self.wall_before = list(saved.get("evals", [])), float(saved.get("wall_s", 0.0))
         self.writer = None
         self._bar = None
-        self._last_line = 0.0
+        self._last_line = (None, None)
         self._rate = (None, None)
 
     def _resume_state(self, args):
@@ -340,12 +340,13 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def progress(self, step, total, **values):
-        """Report iteration `step` of `total`; logs time/iter_per_s to tensorboard every 50 iterations."""
+        """Report iteration `step` of `total`: a tqdm bar on a terminal, else a line every 30 s with it/s and ETA, as
+        the bar shows them; logs time/iter_per_s to tensorboard every 50 iterations."""
         if not self.is_main:
             return
         now = time.time()
         t0, s0 = self._rate
-        if t0 is None:
+        if t0 is None or step < s0:  # the first call, or a later stage numbering its iterations afresh
             self._rate = (now, step)
         elif step - s0 >= 50 or step == total:
             if now > t0:
@@ -359,9 +360,14 @@ class Run:
                 self._bar = tqdm(total=total, initial=step - 1, dynamic_ncols=True, desc=self.name)
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(text, refresh=False)
-        elif now - self._last_line >= 30 or step == total:
-            self._last_line = now
-            print(f"[{self.name}] iter {step}/{total} {text}", flush=True)
+            return
+        t_line, s_line = self._last_line
+        fresh = t_line is None or step < s_line
+        if fresh or now - t_line >= 30 or step == total:
+            rate = (step - s_line) / (now - t_line) if not fresh and now > t_line else None  # since the last line
+            speed = f"{rate:.3g} it/s, ETA {_clock((total - step) / rate)}" if rate else "- it/s, ETA -"
+            self._last_line = (now, step)
+            print(f"[{self.name}] iter {step}/{total} {text + ' ' if text else ''}| {speed}", flush=True)
 
     def _print(self, line):
         if self._bar is not None:
@@ -412,6 +418,11 @@ class Run:
             shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
             print(f"[{self.name}] done: " + json.dumps(shown, default=str), flush=True)
         return summary
+
+
+def _clock(seconds):
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def _flag_list(flags, names):

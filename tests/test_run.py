@@ -2,6 +2,7 @@
 import argparse
 import json
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -222,3 +223,19 @@ def test_rng_states_of_a_single_process_restore():
     called = []
     R.restore_rng_states(states * 2, 0, reseed=lambda: called.append(1))  # saved by two processes
     assert called == [1]
+
+
+def test_log_line_shows_rate_and_eta_and_restarts_with_a_new_stage(tmp_path, capsys, monkeypatch):
+    args = make_args(tmp_path)
+    args.progress = False
+    run = R.Run(args, "m", "d", 4).start()
+    clock = iter([1000.0, 1040.0, 1050.0, 1100.0])
+    monkeypatch.setattr(R, "time", types.SimpleNamespace(time=lambda: next(clock)))  # this module's clock only
+    run.progress(10, 110, loss=0.5)    # first line: no rate yet
+    run.progress(30, 110, loss=0.25)   # 20 iterations in 40 s: 0.5 it/s, 80 left: 2:40
+    run.progress(35, 110, loss=0.2)    # 10 s after the last line: quiet
+    run.progress(2, 50)                # a later stage counts from 1 again
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[m-d-4-s1] iter 10/110 loss 0.5 | - it/s, ETA -",
+                     "[m-d-4-s1] iter 30/110 loss 0.25 | 0.5 it/s, ETA 0:02:40",
+                     "[m-d-4-s1] iter 2/50 | - it/s, ETA -"]
