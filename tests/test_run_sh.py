@@ -21,14 +21,20 @@ from conftest import REPO
 RUN_SH = str(REPO / "run.sh")
 
 
-def listed(*args):
-    """(run folder, argv) of every row `run.sh --list ARGS` prints."""
-    out = subprocess.run(["bash", RUN_SH, "--list", *args], capture_output=True, text=True, check=True).stdout
+# The cpu suite adds its CIFAR-10 rows when CIFAR10_ROOT is set; the path need not exist to list them.
+WITH_CIFAR = {"CIFAR10_ROOT": "data/cifar10"}
+
+
+def listed(*args, env=None):
+    """(run folder, argv) of every row `run.sh --list ARGS` prints, with `env` added to the environment."""
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR10_ROOT"} | (env or {})
+    out = subprocess.run(["bash", RUN_SH, "--list", *args], capture_output=True, text=True, check=True,
+                         env=env).stdout
     return [(folder, shlex.split(cmd)) for folder, cmd in (line.split("\t", 1) for line in out.splitlines())]
 
 
-def listed_commands(*args):
-    return [cmd for _, cmd in listed(*args)]
+def listed_commands(*args, env=None):
+    return [cmd for _, cmd in listed(*args, env=env)]
 
 
 def flag(cmd, name):
@@ -42,7 +48,8 @@ def test_list_covers_every_method_and_rejects_unknown_names():
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown method 'fixmatch'")
 
 
-@pytest.mark.parametrize("cmd", listed_commands() + listed_commands("cpu"), ids=lambda cmd: " ".join(cmd[:4]))
+@pytest.mark.parametrize("cmd", listed_commands() + listed_commands("cpu", env=WITH_CIFAR),
+                         ids=lambda cmd: " ".join(cmd[:4]))
 def test_every_command_parses(cmd):
     assert cmd[0] in ("python", "torchrun"), cmd
     at = next(i for i, a in enumerate(cmd) if a.endswith(".py"))
@@ -58,7 +65,7 @@ def test_every_command_parses(cmd):
 @pytest.mark.parametrize("seeds", [None, "1 2"])
 def test_every_row_has_its_own_run_folder(seeds):
     rows = listed("metric_transfer", "usl", "selftuning", "debiaspl", "metasemi", "cpu",
-                  *(["--seeds", seeds] if seeds else []))
+                  *(["--seeds", seeds] if seeds else []), env=WITH_CIFAR)
     by_folder = collections.defaultdict(list)
     made = set()
     for folder, cmd in rows:
@@ -96,6 +103,28 @@ def test_paper_seeds_and_names():
     assert seeds["selftuning.py", None, None, None] == {"666666"}
     assert seeds["metasemi.py", "cifar10", None, None] == {"8469"}  # the paper's ablations included
     assert seeds["metasemi.py", "svhn", None, None] == {"7788"}
+
+
+def test_cpu_suite_compares_each_method_with_its_base_over_seeds():
+    digits = listed("cpu")
+    both = listed("cpu", env=WITH_CIFAR)
+    assert {flag(c, "--dataset") for _, c in digits} == {"digits"}
+    assert {flag(c, "--dataset") for _, c in both} == {"digits", "cifar10"} and both[:len(digits)] == digits
+    assert all(flag(c, "--root") == "data/cifar10" for _, c in both[len(digits):])
+    for _, cmd in both:
+        assert flag(cmd, "--seed") is not None and flag(cmd, "--device") == "cpu", cmd
+    names = {folder[len("runs/"):] for folder, _ in both}
+    for d, n in (("digits", 50), ("cifar10", 250)):
+        for prefix in ("debiaspl", "fixmatch", "debiaspl-labeled-only", "selftuning", "selftuning-ft"):
+            assert {f"cpu-{prefix}-{d}-{n}-s{s}" for s in (0, 1, 2)} <= names, (prefix, d)
+    assert {f"cpu-metasemi{v}-cifar10-250-s{s}" for v in ("", "-nometa", "-labeled-only") for s in (0, 1, 2)} <= names
+    assert not any(folder.startswith("runs/cpu-metasemi") for folder, _ in digits)  # metasemi.py has no digits
+    # the selection baselines and the runs trained on them
+    for sel in ("usl-digits-10", "usl_t-digits-10", "usl-digits-10-random"):
+        assert {f"cpu-{sel}-s{s}" for s in (0, 1, 2)} | {f"cpu-fixmatch-{sel}-s{s}" for s in (0, 1, 2)} <= names
+    rows = listed("cpu", "--seeds", "5")
+    assert {flag(c, "--seed") for _, c in rows} == {"0", "5"}  # the shared backbone keeps its seed
+    assert [f for f, c in rows if flag(c, "--seed") == "0"] == ["runs/cpu-mt-digits-pretrain"]
 
 
 def test_seeds_override_every_row():
