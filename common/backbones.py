@@ -300,10 +300,11 @@ _FORMATS = {'': 'plain state dict', 'encoder_q.': 'MoCo query encoder', 'backbon
 
 def _unwrap(ckpt):
     """The state dict inside a checkpoint: follows 'state_dict' (MoCo, lemniscate ImageNet), 'model' (CLD, USL),
-    'net' (Deep Metric Transfer) wrappers."""
+    'net' (Deep Metric Transfer's reference) and 'backbone' (metric_transfer.py's pretrain.pt) wrappers."""
     obj = ckpt
     for _ in range(4):
-        inner = next((obj[k] for k in ('state_dict', 'model', 'net') if isinstance(obj.get(k), Mapping)), None)
+        inner = next((obj[k] for k in ('state_dict', 'model', 'net', 'backbone') if isinstance(obj.get(k), Mapping)),
+                     None)
         if inner is None:
             break
         obj = inner
@@ -321,8 +322,8 @@ def load_weights(model, checkpoint, name, source='checkpoint'):
     tensors = _unwrap(checkpoint)
     own = model.state_dict()
     if not tensors:
-        raise UserError(f"{source} holds no tensors: expected a state dict (plain, or under 'state_dict', 'model' or "
-                        f"'net') for {name}")
+        raise UserError(f"{source} holds no tensors: expected a state dict (plain, or under 'state_dict', 'model', "
+                        f"'net' or 'backbone') for {name}")
 
     def matches(prefix):
         return sum(1 for k in tensors if k.startswith(prefix) and k[len(prefix):] in own)

@@ -202,6 +202,14 @@ def test_metric_transfer_wrn_net_wrapper(tmp_path):
     assert sorted(model.pretrained_extra) == ['fc.bias', 'fc.weight']
 
 
+def test_metric_transfer_pretrain_file_feeds_other_scripts(tmp_path):
+    # metric_transfer.py's pretrain.pt: the backbone's state under 'backbone', the embedding head apart
+    body = randomized(build('resnet18').state_dict(), 7)
+    torch.save({'backbone_name': 'resnet18', 'backbone': body, 'head': {'weight': torch.randn(16, 512)}},
+               tmp_path / 'pretrain.pt')
+    assert_loaded(build('resnet18', pretrained=tmp_path / 'pretrain.pt'), body)
+
+
 def test_lemniscate_resnet50_dataparallel(tmp_path):
     body = randomized(build('resnet50').state_dict(), 7)
     sd = {f'module.{k}': v for k, v in body.items()}
