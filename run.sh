@@ -15,8 +15,9 @@
 #                   row takes --nproc_per_node of them. Without --gpus the rows run one after another.
 #
 # Each row writes to $RUNS/<run_name>/ (RUNS=runs unless set), and is idempotent: a row whose folder holds
-# summary.json (or the product its --done names) is skipped, one whose folder holds checkpoint.pt continues with
-# --resume auto, so a rerun continues where the last one stopped. A row that fails is recorded in $RUNS/run.sh.log
+# summary.json (or the product its --done names) is skipped, one whose folder holds a run (a checkpoint, or the files
+# of a run cut off before its first checkpoint) continues with --resume auto, so a rerun continues where the last
+# one stopped. A row that fails is recorded in $RUNS/run.sh.log
 # (exit code, last error line) and the others go on; the exit status is then 1. A row's output is appended to
 # $RUNS/<run_name>.log. A row that reads another row's folder waits for that row, and is not run if it failed.
 # Ctrl-C or kill ends the running rows (a rerun resumes them); $RUNS/<run_name>.lock keeps a second run.sh off a
@@ -402,8 +403,7 @@ cpu() {
 
     # Self-Tuning vs fine-tuning (--no-pgc: CE on the labeled batch, no unlabeled data), both from that backbone:
     # 300 (digits) / 1000 (CIFAR-10) iterations instead of 27k, constant lr 1e-3 (the decays start at 6k). They
-    # read the stage's checkpoint.pt: pretrain.pt nests the backbone under "backbone", which common.backbones does not
-    # unwrap (selftuning.py refuses it); checkpoint.pt holds the same final weights under "model".
+    # read the stage's checkpoint.pt, which holds the same final weights as its pretrain.pt.
     ST="$DATA --num_labeled $L --backbone resnet18 --image_size 32 --pretrained $PRE/checkpoint.pt --batch_size 16 $ST
       --workers 0 --device cpu"
     for seed in $(seeds 0 1 2); do
@@ -438,7 +438,7 @@ cpu() {
 
     # USL and USL-T vs random selection of the same budget (1 label per class on digits, 4 on CIFAR-10): class
     # coverage in each selection's summary.json, and FixMatch-EMAN (the recipe above, --tau 0) trained on each.
-    # Features from the backbone above (its checkpoint.pt, for the reason given at Self-Tuning); USL-T trains
+    # Features from the backbone above (its checkpoint.pt, as Self-Tuning); USL-T trains
     # 150 / 300 steps of batch 128 instead of 200 epochs of 1024, on neighbours it mines from those features.
     for seed in $(seeds 0 1 2); do
       row python usl.py $DATA --backbone resnet18 --pretrained "$PRE/checkpoint.pt" --budget $B --workers 0 \
@@ -492,9 +492,15 @@ is_done() {  # ROW
   [ -z "$key" ] || grep -Eq "\"$key\": [^n]" "$RUNS/${ROW_NAME[$1]}/$file"
 }
 
-command_of() {  # ROW: set CMD to the row's command, plus --resume auto when its folder holds a checkpoint
+holds_run() {  # FOLDER: the scripts refuse to start a new run there without --resume
+  local f
+  for f in checkpoint.pt summary.json metrics.jsonl args.json; do [ -f "$1/$f" ] && return 0; done
+  return 1
+}
+
+command_of() {  # ROW: set CMD to the row's command, plus --resume auto when its folder holds a run
   eval "CMD=(${ROW_CMD[$1]})"
-  if [ -f "$RUNS/${ROW_NAME[$1]}/checkpoint.pt" ] && [[ " ${ROW_CMD[$1]} " != *" --resume "* ]]; then
+  if holds_run "$RUNS/${ROW_NAME[$1]}" && [[ " ${ROW_CMD[$1]} " != *" --resume "* ]]; then
     CMD+=(--resume auto)
   fi
 }
@@ -687,7 +693,7 @@ if (( dry )); then
     command_of "$i"
     if is_done "$i"; then action=skip
     elif holder=$(held_by "${ROW_NAME[$i]}"); then action="busy ($holder)"
-    elif [ -f "$RUNS/${ROW_NAME[$i]}/checkpoint.pt" ]; then action=resume
+    elif holds_run "$RUNS/${ROW_NAME[$i]}"; then action=resume
     else action=run; fi
     printf '%s\t%s\t%s\n' "$action" "$RUNS/${ROW_NAME[$i]}" "$(shown "${CMD[@]}")"
   done

@@ -37,7 +37,7 @@ PUBLISHED = Path(__file__).with_name("published.csv")
 PLUMBING = ("logdir", "run_name", "resume", "stop_after", "device", "workers", "progress", "trust_checkpoint",
             "compile", "deterministic", "print_freq", "log_interval", "save_interval", "local_rank", "download", "root",
             "stage", "cache_dir", "recompute_all", "recompute_num_dep", "grid_per_class", "eval_batch_size",
-            "test_batch_size")
+            "test_batch_size", "plot_features")
 SELECTION_METHODS = ("usl", "usl_t")
 LABELED_INDEX_FLAGS = ("trainindex_x", "labeled_file")  # debiaspl.py, metric_transfer.py
 # Summarised by the dataset, backbone and labels columns, so not repeated in the flags column.
@@ -328,6 +328,26 @@ def selection_row(g, groups):
     return cells, record
 
 
+PROPAGATION_HEADER = ["dataset", "seeds", "propagation", "n", "pseudo-label acc. (all)", "most confident 20%"]
+
+
+def propagation_rows(groups):
+    """metric_transfer's propagation_<kind>.json, over the seeds of each dataset, seed count and kind."""
+    found = {}
+    for r in (r for g in groups for r in g.runs):
+        for path in sorted(r.dir.glob("propagation_*.json")):
+            p = read_json(path)
+            # one per seed: a fine-tuning comparison may propagate the same seeds again in another folder
+            found.setdefault((r.dataset, p.get("num_labeled"), path.stem.split("_", 1)[1]), {})[r.flags.get("seed")] = p
+    rows = []
+    for (dataset, n, kind), by_seed in sorted(found.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0, kv[0][2])):
+        ps = list(by_seed.values())
+        cells = [dataset, n, kind, len(ps), pm(mean_std([p.get("top100") for p in ps])),
+                 pm(mean_std([p.get("top20") for p in ps]))]
+        rows.append((cells, dict(zip(["dataset", "labels", "propagation", "n", "pseudo_label_acc", "top20"], cells))))
+    return rows
+
+
 def tables(groups, published=None):
     """The markdown text, and one dict of raw values per group for the CSV."""
     training = [g for g in groups if g.method not in SELECTION_METHODS]
@@ -342,6 +362,11 @@ def tables(groups, published=None):
     if chosen:
         rows, recs = zip(*(selection_row(g, groups) for g in chosen))
         out += ["## Label selections", "", markdown(SELECTION_HEADER, rows), ""]
+        records += recs
+    propagated = propagation_rows(groups)
+    if propagated:
+        rows, recs = zip(*propagated)
+        out += ["## Label propagation", "", markdown(PROPAGATION_HEADER, rows), ""]
         records += recs
     return "\n".join(out), records
 

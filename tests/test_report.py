@@ -243,3 +243,21 @@ def test_command_line_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"error: {tmp_path}: no run folders in it (a run folder holds args.json)\n"
+
+
+def test_label_propagation_table_over_seeds(tmp_path, capsys):
+    for seed, (knn, spectral) in enumerate([(50.0, 70.0), (60.0, 80.0)]):
+        flags = {"dataset": "digits", "num_labeled": 10, "seed": seed, "backbone": "resnet18"}
+        for name in (f"mt-s{seed}", f"mt-seeds-only-s{seed}"):  # the second propagates the same seeds again
+            write_run(tmp_path / name, "metric_transfer", {**flags, "run_name": name}, *finished(80.0, 80.0, 80.0, 9))
+            (tmp_path / name / "propagation_knn.json").write_text(json.dumps(
+                {"top20": knn + 30, "top100": knn, "num_labeled": 10}))
+        (tmp_path / f"mt-s{seed}" / "propagation_spectral.json").write_text(json.dumps(
+            {"top20": spectral + 15, "top100": spectral, "num_labeled": 10}))
+    report.main([str(tmp_path)])
+    text = capsys.readouterr().out
+    assert text.split("## Label propagation\n\n")[1] == (
+        "| dataset | seeds | propagation | n | pseudo-label acc. (all) | most confident 20% |\n"
+        "|---|---|---|---|---|---|\n"
+        "| digits | 10 | knn | 2 | 55.00 ± 7.07 | 85.00 ± 7.07 |\n"
+        "| digits | 10 | spectral | 2 | 75.00 ± 7.07 | 90.00 ± 7.07 |\n\n")

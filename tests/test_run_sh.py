@@ -416,3 +416,14 @@ def test_the_environment_named_by_run_sh_venv_goes_first_in_path(runner, tmp_pat
     proc = runner.run(*CIFAR40, RUN_SH_VENV=str(tmp_path / "venv"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {r["exe"] for r in runner.records()} == {str(tmp_path / "venv" / "bin" / "python")}
+
+
+def test_a_row_cut_off_before_its_first_checkpoint_resumes(runner):
+    # its folder holds args.json and metrics.jsonl but no checkpoint: the scripts refuse it without --resume
+    folder = runner.runs / "debiaspl-cifar10-40-s0"
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text("{}")
+    (folder / "metrics.jsonl").write_text('{"iter": 5, "top1": 10.0}\n')
+    proc = runner.run("debiaspl", "--only", "^debiaspl-cifar10-40-s0$")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [r["argv"][-2:] for r in runner.records()] == [["--resume", "auto"]]
