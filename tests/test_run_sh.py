@@ -215,7 +215,7 @@ def runner(tmp_path):
 
         def start(self, *args, **extra):
             return subprocess.Popen(["bash", RUN_SH, *args], env=dict(env, **extra), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
 
         def run(self, *args, **extra):
             proc = self.start(*args, **extra)
@@ -378,7 +378,9 @@ def test_a_killed_runner_stops_its_rows_and_a_rerun_continues(runner, sig, statu
             assert time.time() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.1)
         hung = runner.records()[-1]["pid"]
-        proc.send_signal(sig)
+        # to the runner's process group, as Ctrl-C in a terminal or `kill -- -PGID` does: bash ignores a SIGINT
+        # sent to itself alone while a foreground child that did not get it runs (its own `date`, say)
+        os.killpg(proc.pid, sig)
         out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
