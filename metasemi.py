@@ -214,7 +214,7 @@ class Classifier(nn.Module):
 @contextlib.contextmanager
 def exact_fp32():
     """Full fp32 for the meta step: no autocast and no TF32. The finite difference moves every weight by ~1e-5
-    relative, the size of TF32's rounding, so TF32 convolutions would swamp the signal (spec section 7.1)."""
+    relative, the size of TF32's rounding, so TF32 convolutions would swamp the signal."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -240,7 +240,7 @@ def meta_direction(model, x_l, y_l, x_u, epsilon=0.01, meta_grad="fd"):
     of CE(f(x_l), y_l) over every trainable parameter (convs, BN affine, fc), and the eval-mode labeled logits.
     fd: g = (p(theta + eps d) - p(theta - eps d)) / eps with eps = epsilon / ||d||; jvp: g = 2 J d exactly.
     The weights are never touched: the perturbed weights are separate tensors fed through functional_call (the
-    reference perturbs in place, +eps, -2eps, +eps, which leaves theta off by rounding; spec section 7.2).
+    reference perturbs in place, +eps, -2eps, +eps, which leaves theta off by rounding).
     """
     was_training = model.training
     model.eval()
@@ -280,7 +280,7 @@ def meta_direction(model, x_l, y_l, x_u, epsilon=0.01, meta_grad="fd"):
 
 def meta_pseudo_labels(model, x_l, y_l, x_u, lr, epsilon=0.01, meta_grad="fd"):
     """Returns (p, y_hat, logits_l) with y_hat = project_rows(p - lr * g): a first-order look-ahead of the
-    predictions after a labeled descent step; the meta step size is the current learning rate (spec 1.2)."""
+    predictions after a labeled descent step; the meta step size is the current learning rate."""
     p, g, logits_l = meta_direction(model, x_l, y_l, x_u, epsilon, meta_grad)
     return p, project_rows(p - lr * g), logits_l
 
@@ -536,7 +536,7 @@ def train_step(net, model, opt, scaler, x_l, y_l, x_u, lr, w, args, num_classes,
     consistency losses through `model` (DDP / compiled wrapper of `net`), one SGD step.
 
     The meta step runs on the unwrapped `net` with the local labeled gradient d: no DDP hook and no collective,
-    which is also what the reference did (its autograd.grad through DDP never ran the reducer, spec section 5)."""
+    which is also what the reference did (its autograd.grad through DDP never ran the reducer)."""
     if args.meta:
         p, y_hat, logits_l = meta_pseudo_labels(net, x_l, y_l, x_u, lr, args.epsilon, args.meta_grad)
     else:
@@ -559,7 +559,7 @@ def main(argv=None):
     R.seed_everything(args.seed, dist.rank, args.deterministic)
     data = build_data(args, dist)
     num_classes, lab_stream, unl_stream = data["num_classes"], data["labeled"], data["unlabeled"]
-    iters_per_epoch = unl_stream.batches_per_pass  # the unlabeled stream defines the epoch (spec 3.4)
+    iters_per_epoch = unl_stream.batches_per_pass  # the unlabeled stream defines the epoch
     if args.dataset in SMALL:
         warmup_iters, rampup = args.warmup, args.warmup
         total = args.total_steps
