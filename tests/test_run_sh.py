@@ -215,7 +215,8 @@ def runner(tmp_path):
 
         def start(self, *args, **extra):
             return subprocess.Popen(["bash", RUN_SH, *args], env=dict(env, **extra), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                    preexec_fn=default_sigint)
 
         def run(self, *args, **extra):
             proc = self.start(*args, **extra)
@@ -249,6 +250,12 @@ def test_bad_arguments_are_one_error_line_and_exit_2(runner, args):
 
 
 CIFAR40 = ["debiaspl", "--only", "^debiaspl-cifar10-40-s"]  # three rows: seeds 0, 1, 2
+def default_sigint():
+    # A shell that starts with SIGINT ignored cannot trap it, and a child inherits "ignored" from its parent (the
+    # test process may have it so, after other tests): the runner starts as from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 CIFAR = ["debiaspl", "--only", "^debiaspl-cifar10-"]  # six rows: 40 and 250 labels, seeds 0, 1, 2
 
 
