@@ -1,7 +1,7 @@
 """Run plumbing shared by every script: flags, seeding, devices, the run folder, logging, checkpoints, errors.
 
 A run lives in `<logdir>/<run_name>/`: `args.json`, tensorboardX events, `metrics.jsonl` (one line per evaluation),
-`checkpoint.pt` (written atomically) and, at the end, `summary.json`. See CONVENTIONS.md for the whole contract.
+`checkpoint.pt` (written atomically) and, at the end, `summary.json` (README, "Where outputs go").
 """
 import argparse
 import contextlib

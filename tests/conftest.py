@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -49,3 +50,13 @@ def assert_user_error(proc, *fragments):
 @pytest.fixture
 def env(tmp_path):
     return script_env(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs: one thread like the subprocesses, and the global deterministic switch restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)

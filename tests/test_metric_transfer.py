@@ -310,16 +310,6 @@ def metrics(folder):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs: one thread like the subprocesses, and the global deterministic switch restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
-
-
 def test_pretrain_resume_equals_an_uninterrupted_run(cifar, tmp_path, one_thread):
     flags = ["--stage", "pretrain", "--root", str(cifar), "--num_labeled", "20", "--nce_k", "16", "--max_iter", "4",
              "--eval_interval", "2", "--deterministic", "--logdir", str(tmp_path), *COMMON]

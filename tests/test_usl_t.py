@@ -200,16 +200,6 @@ def test_bad_inputs(cifar, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the run folder
-@pytest.fixture
-def one_thread():
-    """In-process runs: one thread like the subprocesses, and the global deterministic switch restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
-
-
 def tiny(root, logdir, *extra):
     return ['--root', root, *SMALL, '--max_iter', 2, '--logdir', logdir, '--run_name', 'r', *extra]
 
