@@ -3,7 +3,8 @@
     python -m common.report RUNS_DIR [RUNS_DIR ...]            # markdown table of every group of runs
     python -m common.report runs --paper                        # ... with the published number and the difference
     python -m common.report runs --csv runs.csv --plot top1.png # ... also as CSV, and top-1 against iteration
-    python -m common.report --published                         # the published numbers as markdown tables
+    python -m common.report --published [RUNS_DIR ...]          # the published numbers, with this code's beside them
+    python -m common.report --published --write_docs docs runs  # ... written into the tables of docs/*.md
 
 Every folder under RUNS_DIR that holds an `args.json` is a run (see common/run.py); one without `summary.json` is
 unfinished and shows its last evaluation. Runs whose flags differ only in `--seed` and in PLUMBING form a group: one
@@ -19,6 +20,12 @@ group.
 The published numbers live in common/published.csv, one number per line with its source. `--paper` takes the first
 line whose script, dataset and labels equal the group's, whose backbone (if given) equals it, and whose flags
 (`name=value`, space-separated) the group's runs have; error rates are compared as 100 - error.
+
+`--published` prints one table per table of the file, with a `this code` column: the final top-1 of the groups
+`--paper` matches to a line of the row or to another line of the same setting (as an error where the line is one),
+`not run (needs GPUs)` where no run folder does, `–` where the row is not a setting of this code. `--write_docs
+FOLDER` puts each method's tables between the lines `<!-- published:METHOD -->` and `<!-- /published -->` of
+FOLDER/*.md, leaving the rest of the files as they are.
 """
 import csv
 import json
@@ -43,6 +50,7 @@ LABELED_INDEX_FLAGS = ("trainindex_x", "labeled_file")  # debiaspl.py, metric_tr
 # Summarised by the dataset, backbone and labels columns, so not repeated in the flags column.
 SHOWN = ("dataset", "backbone", "arch", *LABELED_INDEX_FLAGS, "num_labeled", "num_label", "label_ratio", "anno_percent",
          "budget", "selection", "zero_shot")
+TOP1 = ("top1", "top1_error")  # the metrics a run's final top-1 is compared with
 METRICS = {"top1": "top-1", "top1_error": "top-1 error", "top5_error": "top-5 error", "top1_gain": "gain",
            "pseudo_label_acc": "pseudo-label accuracy", "knn_top1": "kNN top-1"}
 
@@ -244,37 +252,113 @@ def published_for(g, published):
     flags = g.runs[0].flags
     for p in published:
         if (p["script"] == g.method and p["dataset"] == g.dataset and p["labels"] == g.labels
-                and p["metric"] in ("top1", "top1_error") and p["backbone"] in ("", g.backbone)
+                and p["metric"] in TOP1 and p["backbone"] in ("", g.backbone)
                 and all(same(flags.get(k), v) for k, v in (c.split("=", 1) for c in p["flags"].split()))):
             value = float(p["value"])
             return (100 - value if p["metric"] == "top1_error" else value), p
     return None
 
 
-def published_tables(published):
+NOT_RUN = "not run (needs GPUs)"
+
+
+def setting_of(p):
+    return tuple(p[k] for k in ("script", "dataset", "labels", "backbone", "flags"))
+
+
+def by_setting(groups, published):
+    """The groups under the setting of the published line each matches. Lines of one setting (the paper's number and
+    the reference's, say) share its groups; a line with fewer flags (DebiasPL's, no `tau`) does not take the groups of
+    the line before it (FixMatch's, `tau=0`)."""
+    found = {}
+    for g in groups or ():
+        match = published_for(g, published)
+        if match is not None:
+            found.setdefault(setting_of(match[1]), []).append(g)
+    return found
+
+
+def this_code(lines, header, matched):
+    """The `this code` cell of a published row: for each of its top-1 lines that is a setting of this code and has
+    runs, the final top-1 of the matching groups, in the line's metric (an error as 100 - top-1)."""
+    columns = list(header)
+    runnable = sorted((p for p in lines if p["script"] and p["metric"] in TOP1),
+                      key=lambda p: columns.index(p["column"]))
+    if not runnable:
+        return "–"
+    found = []
+    for p in runnable:
+        groups, shown = matched.get(setting_of(p), []), []
+        for g in groups:
+            mean, std = g.stat("final_top1")
+            if mean is not None and p["metric"] == "top1_error":
+                mean = 100 - mean
+            extra = f", {g.shown}" if len(groups) > 1 and g.shown else ""
+            shown.append(f"{pm((mean, std))} (n={len(g.done)}{extra})" if g.done else "unfinished")
+        if shown:
+            found.append((header[p["column"]], ", ".join(shown)))
+    if not found:
+        return NOT_RUN
+    if len(runnable) == 1:
+        return found[0][1]
+    return "; ".join(f"{name}: {text}" for name, text in found)  # the settings not run are left out
+
+
+def published_tables(published, groups=None, method=None):
     """One markdown table per table of the file: a row per method, a column per setting (dataset, labels, metric:
-    whichever of them varies in the table), the source under it."""
-    out = []
-    for method in dict.fromkeys(p["method"] for p in published):
-        out += [f"## {method}", ""]
-        for table in dict.fromkeys(p["table"] for p in published if p["method"] == method):
-            lines = [p for p in published if p["method"] == method and p["table"] == table]
-            columns = list(dict.fromkeys((p["dataset"], p["labels"], METRICS[p["metric"]]) for p in lines))
-            order = list(dict.fromkeys(c[0] for c in columns))  # datasets as the file lists them, labels ascending
-            columns.sort(key=lambda c: (order.index(c[0]), natural(c[1])))
-            varies = [len({c[i] for c in columns}) > 1 for i in range(3)]
-            header = [" ".join(part for part, v in zip(c, varies) if v) or c[1] or c[0] for c in columns]
-            cells = {(p["row"], (p["dataset"], p["labels"], METRICS[p["metric"]])):
-                     p["value"] + (f" ± {p['std']}" if p["std"] else "") for p in lines}
-            names = dict.fromkeys(p["row"] for p in lines)
-            rows = [[name, *(cells.get((name, c), "–") for c in columns)] for name in names]
-            sources = {}
-            for p in lines:
-                sources.setdefault(p["source"], {})[p["row"]] = None
-            source = f"Source: {next(iter(sources))}." if len(sources) == 1 else \
-                "Sources: " + "; ".join(f"{', '.join(rs)}: {s}" for s, rs in sources.items()) + "."
-            out += [table, "", markdown(["method", *header], rows), "", source, ""]
-    return "\n".join(out)
+    whichever of them varies in the table), the `this code` column from `groups`, the source under it. With `method`,
+    that method's tables alone; without, every method's under its name."""
+    if method is None:
+        return "\n\n".join(f"## {m}\n\n{published_tables(published, groups, m)}"
+                            for m in dict.fromkeys(p["method"] for p in published))
+    if not any(p["method"] == method for p in published):
+        raise UserError(f"{method}: no such method in {PUBLISHED.name}")
+    matched, out = by_setting(groups, published), []
+    for table in dict.fromkeys(p["table"] for p in published if p["method"] == method):
+        lines = [{**p, "column": (p["dataset"], p["labels"], METRICS[p["metric"]])}
+                 for p in published if p["method"] == method and p["table"] == table]
+        columns = list(dict.fromkeys(p["column"] for p in lines))
+        order = list(dict.fromkeys(c[0] for c in columns))  # datasets as the file lists them, labels ascending
+        columns.sort(key=lambda c: (order.index(c[0]), natural(c[1])))
+        varies = [len({c[i] for c in columns}) > 1 for i in range(3)]
+        header = {c: " ".join(part for part, v in zip(c, varies) if v) or c[1] or c[0] for c in columns}
+        cells = {(p["row"], p["column"]): p["value"] + (f" ± {p['std']}" if p["std"] else "") for p in lines}
+        names = dict.fromkeys(p["row"] for p in lines)
+        rows = [[name, *(cells.get((name, c), "–") for c in columns),
+                 this_code([p for p in lines if p["row"] == name], header, matched)] for name in names]
+        sources = {}
+        for p in lines:
+            sources.setdefault(p["source"], {})[p["row"]] = None
+        source = f"Source: {next(iter(sources))}." if len(sources) == 1 else \
+            "Sources: " + "; ".join(f"{', '.join(rs)}: {s}" for s, rs in sources.items()) + "."
+        out += [table, "", markdown(["method", *header.values(), "this code"], rows), "", source, ""]
+    return "\n".join(out[:-1])
+
+
+BLOCK = re.compile(r"(<!-- published:(\S+) -->\n)(.*?)(<!-- /published -->)", re.S)
+
+
+def docs_block(method, published, groups=None):
+    """What stands between a docs page's markers: the method's tables, a blank line on either side."""
+    return f"\n{published_tables(published, groups, method)}\n\n"
+
+
+def write_docs(folder, published, groups=None):
+    """Rewrite the published blocks of FOLDER/*.md in place; only the text between the markers changes."""
+    pages = sorted(Path(folder).glob("*.md")) if Path(folder).is_dir() else []
+    if not pages:
+        raise UserError(f"{folder}: no markdown files in it")
+    blocks = 0
+    for path in pages:
+        text = path.read_text()
+        new, n = BLOCK.subn(lambda m: m[1] + docs_block(m[2], published, groups) + m[4], text)
+        blocks += n
+        if new != text:
+            path.write_text(new)
+        if n:
+            print(f"{path}: {n} block{'s' * (n > 1)} {'rewritten' if new != text else 'up to date'}")
+    if not blocks:
+        raise UserError(f"{folder}: no <!-- published:METHOD --> block in its markdown files")
 
 
 # ------------------------------------------------------------------------------------------------------------ report
@@ -410,10 +494,19 @@ def main(argv=None):
     p.add_argument("--paper", action="store_true", help="add the published number of each setting and the difference")
     p.add_argument("--csv", metavar="FILE", help="also write the tables as CSV, one row per group")
     p.add_argument("--plot", metavar="FILE.png", help="plot test top-1 against iteration, one line per group")
-    p.add_argument("--published", action="store_true", help="print the published numbers as markdown tables")
+    p.add_argument("--published", action="store_true",
+                   help="print the published numbers as markdown tables, with the final top-1 of the matching runs")
+    p.add_argument("--write_docs", metavar="FOLDER",
+                   help="with --published: rewrite the published blocks of FOLDER/*.md instead of printing")
     args = p.parse_args(argv)
+    if args.write_docs and not args.published:
+        raise UserError("--write_docs goes with --published")
     if args.published:
-        print(published_tables(read_published()))
+        groups = group_runs(find_runs(args.runs)) if args.runs else None
+        if args.write_docs:
+            write_docs(args.write_docs, read_published(), groups)
+        else:
+            print(published_tables(read_published(), groups))
         return
     if not args.runs:
         raise UserError("give at least one RUNS_DIR (or --published)")

@@ -194,21 +194,80 @@ def test_published_tables():
     assert """\
 CIFAR-10, WRN-28-2, top-1 % by number of labels
 
-| method | 40 | 250 |
-|---|---|---|
-| FixMatch (FixMatch paper) | 86.19 ± 3.37 | 94.93 ± 0.65 |
-| DebiasPL w/ FixMatch (paper) | 94.6 | 95.4 |
+| method | 40 | 250 | this code |
+|---|---|---|---|
+| FixMatch (FixMatch paper) | 86.19 ± 3.37 | 94.93 ± 0.65 | not run (needs GPUs) |
+| DebiasPL w/ FixMatch (paper) | 94.6 | 95.4 | not run (needs GPUs) |
 
 Sources: FixMatch (FixMatch paper): FixMatch paper (RandAugment); DebiasPL w/ FixMatch (paper): DebiasPL paper via \
 paperswithcode (error 5.4 and 4.6).
 """ in text
     assert """\
-| method | top-1 error | top-5 error |
-|---|---|---|
-| Labeled-only | 53.65 | 31.01 |
+| method | top-1 error | top-5 error | this code |
+|---|---|---|---|
+| Labeled-only | 53.65 | 31.01 | – |
 """ in text
-    assert "| MetaSemi | 3.15 | 7.78 | 30.74 |\n" in text
-    assert "| Deep Metric Transfer | 56.34 | 63.53 | 71.26 | 74.77 | 79.38 | 82.34 | 84.52 | 87.48 |\n" in text
+    assert "| MetaSemi | 3.15 | 7.78 | 30.74 | not run (needs GPUs) |\n" in text
+    assert "| Deep Metric Transfer | 56.34 | 63.53 | 71.26 | 74.77 | 79.38 | 82.34 | 84.52 | 87.48 | not run (needs " \
+           "GPUs) |\n" in text
+    assert "| Π-model | 27.36 | 37.20 | 47.07 | 56.30 | 63.70 | 76.50 | 84.17 | 87.30 | – |\n" in text  # not here
+
+
+def test_published_tables_of_one_method():
+    published = report.read_published()
+    text = report.published_tables(published, method="metasemi")
+    assert text.startswith("ConvLarge, error % (SVHN 1000, CIFAR-10 4000, CIFAR-100 10000 labels)\n\n| method |")
+    assert text.endswith("Source: authors' slides p. 17 and the reference README.")
+    assert report.published_tables(published).endswith("\n## metasemi\n\n" + text)
+    with pytest.raises(runlib.UserError, match="nosuch: no such method"):
+        report.published_tables(published, method="nosuch")
+
+
+def this_code(text):
+    """The `this code` cell of each table row whose cell is not `–`, by row name."""
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines() if line.startswith("| ")]
+    return [(r[0], r[-1]) for r in rows if r[0] != "method" and r[-1] != "–"]
+
+
+def test_this_code_column_from_run_folders(runs, capsys):
+    report.main(["--published", str(runs)])
+    cells = this_code(capsys.readouterr().out)
+    assert ("Fine-Tuning (paper)", report.NOT_RUN) in cells and ("MetaSemi", report.NOT_RUN) in cells
+    assert [(name, cell) for name, cell in cells if cell != report.NOT_RUN] == [
+        # both lines of the CUB 15 % setting; the runs of one setting only, the other columns left out
+        ("Self-Tuning (paper)", "15%: 65.00 (n=1)"),
+        ("Self-Tuning (reference README screenshots)", "15%: 65.00 (n=1)"),
+        # FixMatch (tau 0) is not DebiasPL, whose line has no tau: each row gets its own runs
+        ("FixMatch (FixMatch paper)", "40: 86.00 ± 1.41 (n=2)"),
+        ("DebiasPL w/ FixMatch (paper)", "40: 92.00 ± 2.00 (n=3)"),
+        ("Deep Metric Transfer", "250: unfinished"),
+        ("FixMatch", "usl:100: 93.50 ± 0.71 (n=2)")]
+
+
+def test_this_code_as_an_error_and_per_group(tmp_path):
+    for name, lr, final in (("a", 0.1, 92.0), ("b", 0.1, 93.0), ("c", 0.03, 90.5)):
+        write_run(tmp_path / name, "metasemi", {"root": "data/cifar10", "dataset": "cifar10", "num_labeled": 4000,
+                                               "arch": "convlarge", "mix_up": True, "lr": lr, "seed": ord(name)},
+                  *finished(final, final, final, 1.0))
+    groups = report.group_runs(report.find_runs([tmp_path]))
+    text = report.published_tables(report.read_published(), groups, method="metasemi")
+    # error tables show 100 - top-1; two groups of one setting each with the flags that tell them apart
+    assert ("MetaSemi", "cifar10 4000: 7.50 ± 0.71 (n=2, lr=0.1), 9.50 (n=1, lr=0.03)") in this_code(text)
+    assert ("MetaSemi", report.NOT_RUN) in this_code(text)  # ImageNet: no run
+    assert "| meta + mixup | 3.15 | 7.78 | 30.74 | – |" in text  # the ablation rows name no flags: not matched
+
+
+def test_write_docs(tmp_path, capsys):
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text("# Page\n\nbefore\n<!-- published:usl -->\nold\n<!-- /published -->\nafter\n")
+    report.main(["--published", "--write_docs", str(page.parent)])
+    assert capsys.readouterr().out == f"{page}: 1 block rewritten\n"
+    published = report.read_published()
+    assert page.read_text() == ("# Page\n\nbefore\n<!-- published:usl -->\n"
+                                f"\n{report.published_tables(published, method='usl')}\n\n<!-- /published -->\nafter\n")
+    report.main(["--published", "--write_docs", str(page.parent)])
+    assert capsys.readouterr().out == f"{page}: 1 block up to date\n"
 
 
 def test_published_command(capsys):
@@ -236,6 +295,13 @@ def test_bad_input(tmp_path, capsys):
     assert f"{tmp_path / 'broken' / 'a' / 'args.json'}: cannot read it as JSON" in user_error(
         [str(tmp_path / "broken")], capsys)
     assert "give at least one RUNS_DIR" in user_error([], capsys)
+    assert "--write_docs goes with --published" in user_error(["--write_docs", str(tmp_path)], capsys)
+    assert "no markdown files" in user_error(["--published", "--write_docs", str(tmp_path / "empty")], capsys)
+    (tmp_path / "empty" / "page.md").write_text("no block\n")
+    assert "no <!-- published:METHOD --> block" in user_error(
+        ["--published", "--write_docs", str(tmp_path / "empty")], capsys)
+    (tmp_path / "empty" / "page.md").write_text("<!-- published:nosuch -->\n<!-- /published -->\n")
+    assert "nosuch: no such method" in user_error(["--published", "--write_docs", str(tmp_path / "empty")], capsys)
 
 
 def test_command_line_exit_code(tmp_path):
