@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from common import UserError
-from common import backbones, datasets, distributed
+from common import backbones, datasets, distributed, loaders, splits
 from common import run as runlib
 
 IMAGENET_LIKE = ("imagenet", "imagefolder")
@@ -583,7 +583,7 @@ def percent_split(targets, num_classes, percent, seed):
 
 
 def read_clip_csv(path, size, num_classes, need_probs):
-    indices, labels, probs = datasets.read_pseudo_label_csv(path, size, num_classes)
+    indices, labels, probs = splits.read_pseudo_label_csv(path, size, num_classes)
     if need_probs and probs is None:
         raise UserError(f"{path}: the zero-shot unlabeled file needs a Probs column (CLIP's confidence)")
     return np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64), probs
@@ -607,18 +607,18 @@ def build_splits(args, train, num_classes):
         clip = (torch.as_tensor(u_labels), torch.as_tensor(np.asarray(u_probs, dtype=np.float32)))
         return x_idx, x_labels, u_idx, clip
     if args.trainindex_x is not None:
-        x_idx = datasets.read_index_file(resolve_index_file(args.root, args.trainindex_x, "--trainindex_x"), size)
+        x_idx = splits.read_index_file(resolve_index_file(args.root, args.trainindex_x, "--trainindex_x"), size)
     elif args.trainindex_u is not None:
         raise UserError("--trainindex_u needs --trainindex_x (the labeled images)")
     elif args.num_labeled is not None:
-        x_idx, _ = datasets.class_balanced_split(train.targets, args.num_labeled, num_classes, args.seed, exact=True)
+        x_idx, _ = splits.class_balanced_split(train.targets, args.num_labeled, num_classes, args.seed, exact=True)
     else:
         if not 0 < args.anno_percent < 1:
             raise UserError(f"--anno_percent {args.anno_percent} must be in (0, 1)")
         x_idx = percent_split(np.asarray(train.targets), num_classes, args.anno_percent, args.seed)
     x_idx = np.asarray(x_idx, dtype=np.int64)
     if args.trainindex_u is not None:
-        u_idx = datasets.read_index_file(resolve_index_file(args.root, args.trainindex_u, "--trainindex_u"), size)
+        u_idx = splits.read_index_file(resolve_index_file(args.root, args.trainindex_u, "--trainindex_u"), size)
     elif args.exclude_labeled:
         u_idx = np.setdiff1d(np.arange(size), x_idx)
     else:
@@ -757,11 +757,11 @@ def main(argv=None):
                              args.workers, dev)
     else:
         pin = device.type == "cuda"
-        x_stream = datasets.BatchStream(x_set, args.batch_size, args.seed, args.workers, dist.rank, world,
+        x_stream = loaders.BatchStream(x_set, args.batch_size, args.seed, args.workers, dist.rank, world,
                                         pin_memory=pin)
-        u_stream = datasets.BatchStream(u_set, args.mu * args.batch_size, args.seed + 1, args.workers, dist.rank,
+        u_stream = loaders.BatchStream(u_set, args.mu * args.batch_size, args.seed + 1, args.workers, dist.rank,
                                         world, pin_memory=pin)
-    test_loader = datasets.eval_loader(test, args.eval_batch_size, args.workers, dist.rank, world)
+    test_loader = loaders.eval_loader(test, args.eval_batch_size, args.workers, dist.rank, world)
 
     # model --------------------------------------------------------------------------------------------------
     model = build_model(args, num_classes).to(device)

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from common import UserError, backbones, dali, datasets
+from common import UserError, backbones, dali, datasets, loaders, splits
 from common import distributed as D
 from common import run as R
 
@@ -392,7 +392,7 @@ def small_data(args, dist, root):
     check_num_label(args.num_label, len(train), num_classes, args.dataset)
     # Class-balanced from the seed; labeled images are excluded from the unlabeled pool, as in the reference.
     # The draw is numpy's RandomState(seed), not the reference's python random walk: same rule, other indices.
-    lab_idx, unl_idx = datasets.class_balanced_split(train.targets, args.num_label, num_classes, args.seed,
+    lab_idx, unl_idx = splits.class_balanced_split(train.targets, args.num_label, num_classes, args.seed,
                                                      exclude_labeled=True, exact=True)
     if len(unl_idx) == 0:
         raise UserError(f"--num_label {args.num_label} labels the whole training set: no unlabeled images remain")
@@ -400,11 +400,11 @@ def small_data(args, dist, root):
     test.transform = t_test
     kw = dict(workers=args.workers, rank=dist.rank, world_size=dist.world_size,
               pin_memory=dist.device.type == "cuda")
-    labeled = datasets.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
-    unlabeled = datasets.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size, args.seed + 1, **kw)
+    labeled = loaders.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
+    unlabeled = loaders.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size, args.seed + 1, **kw)
     return dict(num_classes=num_classes, labeled_idx=lab_idx, labeled_ids=[train.ids[i] for i in lab_idx],
                 labels=str(args.num_label), labeled=labeled, unlabeled=unlabeled,
-                test=datasets.eval_loader(test, max(args.eval_batch_size // dist.world_size, 1), args.workers,
+                test=loaders.eval_loader(test, max(args.eval_batch_size // dist.world_size, 1), args.workers,
                                           dist.rank, dist.world_size))
 
 
@@ -433,13 +433,13 @@ def large_data(args, dist, root):
             test = dali.DaliStream(rec=root / "val", views=("val",), batch_size=args.eval_batch_size, one_pass=True,
                                    **dali_kw)
         else:
-            labeled = datasets.BatchStream(sets["train_label"].subset(np.arange(len(sets["train_label"])), t_train),
+            labeled = loaders.BatchStream(sets["train_label"].subset(np.arange(len(sets["train_label"])), t_train),
                                            args.batch_size, args.seed, **kw)
-            unlabeled = datasets.BatchStream(sets["train_unlabel"].subset(np.arange(len(sets["train_unlabel"])),
+            unlabeled = loaders.BatchStream(sets["train_unlabel"].subset(np.arange(len(sets["train_unlabel"])),
                                                                           t_train),
                                              args.batch_size, args.seed + 1, **kw)
             sets["val"].transform = t_val
-            test = datasets.eval_loader(sets["val"], max(args.eval_batch_size // dist.world_size, 1), args.workers,
+            test = loaders.eval_loader(sets["val"], max(args.eval_batch_size // dist.world_size, 1), args.workers,
                                         dist.rank, dist.world_size)
         n_lab = len(sets["train_label"])
         lab_ids = [f"train_label.rec/{k}" for k in lab_idx]
@@ -450,7 +450,7 @@ def large_data(args, dist, root):
         if args.num_label is None:  # 10 % of the training set, a multiple of the class count (ImageNet: 128,000)
             args.num_label = max(len(train) // 10 // num_classes, 1) * num_classes
         check_num_label(args.num_label, len(train), num_classes, args.dataset)
-        lab_idx, unl_idx = datasets.class_balanced_split(train.targets, args.num_label, num_classes, args.seed,
+        lab_idx, unl_idx = splits.class_balanced_split(train.targets, args.num_label, num_classes, args.seed,
                                                          exclude_labeled=True, exact=True)
         if len(unl_idx) == 0:
             raise UserError(f"--num_label {args.num_label} labels the whole training set: no unlabeled images remain")
@@ -463,11 +463,11 @@ def large_data(args, dist, root):
             test = dali.DaliStream(files=val.files, labels=val.targets, views=("val",),
                                    batch_size=args.eval_batch_size, one_pass=True, **dali_kw)
         else:
-            labeled = datasets.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
-            unlabeled = datasets.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size,
+            labeled = loaders.BatchStream(train.subset(lab_idx, transform=t_train), args.batch_size, args.seed, **kw)
+            unlabeled = loaders.BatchStream(train.subset(unl_idx, transform=t_train), args.batch_size,
                                              args.seed + 1, **kw)
             val.transform = t_val
-            test = datasets.eval_loader(val, max(args.eval_batch_size // dist.world_size, 1), args.workers,
+            test = loaders.eval_loader(val, max(args.eval_batch_size // dist.world_size, 1), args.workers,
                                         dist.rank, dist.world_size)
         n_lab = len(lab_idx)
         lab_ids = [train.ids[i] for i in lab_idx]
@@ -501,7 +501,7 @@ def feature_map(net, data, args, run, device):
     names, feats, labels = ("labeled", "unlabeled", "test"), [], []
     for ds in (data["labeled"].dataset, data["unlabeled"].dataset, data["test"].dataset):
         sub = ds.subset(np.sort(rng.choice(len(ds), min(args.plot_features, len(ds)), replace=False)), eval_tf)
-        loader = datasets.eval_loader(sub, data["test"].batch_size, args.workers)
+        loader = loaders.eval_loader(sub, data["test"].batch_size, args.workers)
         feats.append(torch.cat([net.backbone(x.to(device)).float().cpu() for x, _, _ in loader]).numpy())
         labels.append(np.asarray(sub.targets, dtype=np.int64))
     n = sum(map(len, feats))

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from common import UserError
-from common import backbones, datasets, distributed
+from common import backbones, datasets, distributed, loaders, splits
 from common import run as runlib
 
 METHOD = "metric_transfer"
@@ -285,7 +285,7 @@ def load_stage_a(args, path_or_flag, trust):
     path = Path(path_or_flag)
     if not path.is_file():
         raise UserError(f"--pretrained {path}: no such file")
-    ckpt = load_trusted_legacy(path) if trust else backbones.load_checkpoint_file(path)
+    ckpt = load_trusted_legacy(path) if trust else runlib.load_file(path)
     bb = backbones.build(args.backbone)
     if "backbone_name" in ckpt:  # this script's pretrain.pt
         if ckpt["backbone_name"] != args.backbone:
@@ -794,7 +794,7 @@ def eval_batches(dataset, args, dist, transform):
         return DaliSet(dataset, np.arange(len(dataset)), dataset.targets, "val", args.batch_size, args, dist, 0,
                        one_pass=True)
     per_rank = max(1, args.batch_size // dist.world_size)
-    return datasets.eval_loader(dataset.subset(np.arange(len(dataset)), transform=transform), per_rank,
+    return loaders.eval_loader(dataset.subset(np.arange(len(dataset)), transform=transform), per_rank,
                                 args.workers, dist.rank, dist.world_size)
 
 
@@ -858,7 +858,7 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
         stream = DaliSet(train, np.arange(n), train.targets, "train", args.batch_size, args, dist, args.seed)
         passes = math.ceil(n / args.batch_size)
     else:
-        stream = datasets.BatchStream(train.subset(np.arange(n), transform=tfs[0]), args.batch_size, args.seed,
+        stream = loaders.BatchStream(train.subset(np.arange(n), transform=tfs[0]), args.batch_size, args.seed,
                                       args.workers, dist.rank, world, pin_memory=device.type == "cuda")
         passes = len(stream)
     total = args.max_iter or args.epochs * passes
@@ -1086,7 +1086,7 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
     if args.dali:
         stream = DaliSet(train, rows, labels, "train", args.batch_size, args, dist, args.seed)
     else:
-        stream = datasets.BatchStream(train.subset(rows, transform=tfs[1], targets=labels), args.batch_size, args.seed,
+        stream = loaders.BatchStream(train.subset(rows, transform=tfs[1], targets=labels), args.batch_size, args.seed,
                                       args.workers, dist.rank, world, pin_memory=device.type == "cuda")
     total = args.finetune_iters
     eval_every = args.eval_interval or 500
@@ -1165,11 +1165,7 @@ def main(argv=None):
         if args.root is None:
             raise UserError("pass --root DATASET_FOLDER (and --dataset if its name does not say which)")
         args.dataset = datasets.infer_name(args.root)
-    if dist.is_main:
-        train = datasets.load(args.dataset, args.root, "train", download=args.download)
-    distributed.barrier()  # the main rank downloads, the others read afterwards
-    if not dist.is_main:
-        train = datasets.load(args.dataset, args.root, "train")
+    train = datasets.load(args.dataset, args.root, "train", download=args.download)  # rank 0 downloads
     test = datasets.load(args.dataset, args.root, "test")
     set_defaults(args, train)
     if args.batch_size % dist.world_size:
@@ -1178,7 +1174,7 @@ def main(argv=None):
         raise UserError(f"--dali reads image folders; {args.dataset} is loaded from arrays: drop --dali")
     c = train.num_classes
     if args.labeled_file is not None:
-        labeled = datasets.read_index_file(args.labeled_file, len(train))
+        labeled = splits.read_index_file(args.labeled_file, len(train))
         if args.stage in ("propagate", "all"):
             check_seeds(train.targets[labeled], c, f"--labeled_file {args.labeled_file}")
         mask = np.ones(len(train), bool)
@@ -1196,7 +1192,7 @@ def main(argv=None):
     state = run.resume_state
     split = run.path("labeled.csv")
     if split.exists():  # a later stage on this folder (with or without a checkpoint) keeps its seeds
-        saved = datasets.read_index_file(split, len(train))
+        saved = splits.read_index_file(split, len(train))
         if not np.array_equal(np.sort(saved), np.sort(labeled)):
             raise UserError(f"{split} holds another labeled split ({len(saved)} seeds) than this command's "
                             f"({len(labeled)}): pass that run's --num_labeled / --labeled_file / --seed, or "

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from common import UserError, backbones, datasets, distributed
+from common import UserError, backbones, datasets, distributed, loaders, splits
 from common import run as runlib
 
 FINEGRAINED = ('cub200', 'stanfordcars', 'aircraft')
@@ -426,7 +426,7 @@ def load_data(args, name):
         ratio = 15 if args.label_ratio is None else args.label_ratio
         if args.download:
             datasets.load(name, args.root, "test", download=True)  # fetches the archives when the layout is absent
-        labeled, unlabeled = datasets.finegrained_split(args.root, name, ratio)
+        labeled, unlabeled = splits.finegrained_split(args.root, name, ratio)
         test = datasets.load(name, args.root, "test")
         return labeled, (unlabeled if len(unlabeled) else None), test, f"{ratio}pct"
     train = datasets.load(name, args.root, "train", download=args.download)
@@ -436,7 +436,7 @@ def load_data(args, name):
             raise UserError("pass either --num_labeled or --label_ratio, not both")
         # FixMatch / REF CIFAR rule: num_labeled // C per class; the unlabeled set is ALL training images. REF draws
         # with the global NumPy RNG after seeding, so its indices differ from these (RandomState(seed)).
-        lab, unl = datasets.class_balanced_split(train.targets, args.num_labeled, train.num_classes, args.seed)
+        lab, unl = splits.class_balanced_split(train.targets, args.num_labeled, train.num_classes, args.seed)
         tag = str(args.num_labeled)
     elif name in SMALL_IMAGES:
         raise UserError(f"{name} needs --num_labeled (the paper's CIFAR-100 runs: 400, 2500, 10000)")
@@ -515,12 +515,12 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     scaler = runlib.grad_scaler(device, args.amp)
 
-    streams = {"labeled": datasets.BatchStream(labeled, args.batch_size, args.seed, args.workers, dist.rank,
+    streams = {"labeled": loaders.BatchStream(labeled, args.batch_size, args.seed, args.workers, dist.rank,
                                                dist.world_size, pin_memory=device.type == "cuda")}
     if unlabeled is not None:
-        streams["unlabeled"] = datasets.BatchStream(unlabeled, args.batch_size, args.seed + 1, args.workers,
+        streams["unlabeled"] = loaders.BatchStream(unlabeled, args.batch_size, args.seed + 1, args.workers,
                                                     dist.rank, dist.world_size, pin_memory=device.type == "cuda")
-    test_loader = datasets.eval_loader(test, args.test_batch_size or (10 if ten_crop else 100), args.workers,
+    test_loader = loaders.eval_loader(test, args.test_batch_size or (10 if ten_crop else 100), args.workers,
                                        dist.rank, dist.world_size)
 
     # The fine-tuning baseline gets its own default run name, so both can run on the same data side by side.

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-from common import backbones, datasets, distributed
+from common import backbones, datasets, distributed, loaders, plots, splits
 from common.run import Parser, Run, add_standard_flags, autocast, entry, seed_everything
 
 # Reference configs (selective_labeling/configs/*.yaml). Keys absent from a profile keep the argparse default.
@@ -250,7 +250,7 @@ def extract_features(net, train, args, dist):
                              size=args.image_size or 224, rank=dist.rank, world_size=dist.world_size,
                              threads=max(1, args.workers), device=dist.device.type, one_pass=True, shuffle=False)
     else:
-        batches = datasets.eval_loader(train, args.batch_size, args.workers, dist.rank, dist.world_size, pad=True)
+        batches = loaders.eval_loader(train, args.batch_size, args.workers, dist.rank, dist.world_size, pad=True)
     out_f, out_i = [], []
     t0 = time.time()
     for b, (x, _, idx) in enumerate(batches):
@@ -690,11 +690,11 @@ def write_outputs(run, train, picks, args, figures):
     picks = np.asarray(picks, dtype=np.int64)
     np.save(run.path('selected.npy'), picks)
     ids = train.ids
-    datasets.write_index_csv(run.path('selected.csv'), np.sort(picks), ids)
+    splits.write_index_csv(run.path('selected.csv'), np.sort(picks), ids)
     rest = np.setdiff1d(np.arange(len(train)), picks)
-    datasets.write_index_csv(run.path('unselected.csv'), rest, ids)
+    splits.write_index_csv(run.path('unselected.csv'), rest, ids)
     labelled = train.num_classes > 1
-    datasets.save_image_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
+    plots.save_image_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
     if labelled:
         counts = class_counts(train.targets, picks, train.num_classes)
         figures.update(class_coverage=int((counts > 0).sum()), num_classes=train.num_classes,
@@ -713,7 +713,7 @@ def main(argv=None):
     name = datasets.infer_name(args.root) if args.dataset is None else args.dataset
     args.dataset = name
     resolve_args(args, name)
-    train = datasets.load(name, args.root, 'train', download=args.download and dist.is_main)
+    train = datasets.load(name, args.root, 'train', download=args.download)  # rank 0 downloads
     n = len(train)
     if args.budget < 1 or args.budget > n:
         raise UserError(f'--budget {args.budget} is impossible for a training set of {n} images: choose 1..{n}')

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from common import UserError
-from common import backbones, datasets, distributed
+from common import backbones, datasets, distributed, loaders, plots, splits
 from common.run import Parser, Run, add_standard_flags, autocast, check_finite, entry, grad_scaler, \
     restore_rng_states, rng_states, seed_everything
 
@@ -474,7 +474,7 @@ def knn_mean_dist(x, k):
 def embed(model, dataset, batch_size, workers, device, amp, what='features'):
     """In-order outputs over a dataset on this process: features, or the list of per-head logits."""
     out = []
-    for x, _, _ in datasets.eval_loader(dataset, batch_size, workers):
+    for x, _, _ in loaders.eval_loader(dataset, batch_size, workers):
         with autocast(device, amp):
             x = x.to(device, non_blocking=True)
             if what == 'features':
@@ -529,10 +529,10 @@ def select_imagenet(pred, mean_dist, targets, budget, per_cluster):
 def write_outputs(run, train, picks, args, figures):
     picks = np.asarray(picks, dtype=np.int64)
     np.save(run.path('selected.npy'), picks)
-    datasets.write_index_csv(run.path('selected.csv'), np.sort(picks), train.ids)
-    datasets.write_index_csv(run.path('unselected.csv'), np.setdiff1d(np.arange(len(train)), picks), train.ids)
+    splits.write_index_csv(run.path('selected.csv'), np.sort(picks), train.ids)
+    splits.write_index_csv(run.path('unselected.csv'), np.setdiff1d(np.arange(len(train)), picks), train.ids)
     labelled = train.num_classes > 1
-    datasets.save_image_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
+    plots.save_image_grid(run.path('selected.png'), train, picks, args.grid_per_class, labelled)
     if labelled:
         counts = np.bincount(train.targets[picks], minlength=train.num_classes)
         figures.update(class_coverage=int((counts > 0).sum()), num_classes=train.num_classes,
@@ -572,7 +572,7 @@ def main(argv=None):
     name = datasets.infer_name(args.root) if args.dataset is None else args.dataset
     args.dataset = name
     resolve_args(args, name)
-    train = datasets.load(name, args.root, 'train', download=args.download and dist.is_main)
+    train = datasets.load(name, args.root, 'train', download=args.download)  # rank 0 downloads
     test = datasets.load(name, args.root, 'test')
     n = len(train)
     if args.budget < 1 or args.budget > n:
@@ -652,7 +652,7 @@ def main(argv=None):
     ddp_model = distributed.wrap(model, dist)
     if args.compile:
         ddp_model = torch.compile(ddp_model)
-    stream = datasets.BatchStream(LocalGlobalSet(train, neighbors, standard, strong), args.batch_size, args.seed,
+    stream = loaders.BatchStream(LocalGlobalSet(train, neighbors, standard, strong), args.batch_size, args.seed,
                                   args.workers, dist.rank, dist.world_size)
     steps_per_epoch = stream.batches_per_pass
     total = args.max_iter if args.max_iter is not None else args.epochs * steps_per_epoch

@@ -66,12 +66,12 @@ def cifar_features(cache):
     if out.exists():
         d = np.load(out)
         return d["f"], d["y"]
-    from common import datasets
+    from common import datasets, download as downloads
     archive = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
     root = Path(cache) / "cifar10-jpeg"
     if not (root / "train").exists():
         root.mkdir(parents=True, exist_ok=True)
-        datasets.safe_extract(archive, root)
+        downloads.safe_extract(archive, root)
         inner = [p for p in root.iterdir() if p.is_dir() and (p / "train").exists()]
         if inner:
             root = inner[0]

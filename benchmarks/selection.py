@@ -57,13 +57,13 @@ def real_cifar_features(cache_dir):
         return np.load(out)
     import torch
     import torchvision
-    from common import datasets
+    from common import datasets, download as downloads, loaders
     folder = Path(cache_dir) / 'cifar10-jpeg'
     if not (folder / 'train').is_dir():
         if not SHARED_TAR.exists():
             raise SystemExit(f'{SHARED_TAR} not found: run with --data synthetic')
         folder.mkdir(parents=True, exist_ok=True)
-        datasets.safe_extract(SHARED_TAR, folder)
+        downloads.safe_extract(SHARED_TAR, folder)
     if not (folder / 'train').is_dir():  # the archive may hold one top folder
         folder = next(p.parent for p in folder.rglob('train') if p.is_dir())
     train = datasets.load('imagefolder', folder, 'train')
@@ -74,7 +74,7 @@ def real_cifar_features(cache_dir):
     proj = torch.randn(512, 128, generator=torch.Generator().manual_seed(0)) / np.sqrt(512)
     import torchvision.transforms as T
     train.transform = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    loader = datasets.eval_loader(train, 500, workers=0)
+    loader = loaders.eval_loader(train, 500, workers=0)
     feats = []
     with torch.no_grad():
         for x, _, _ in loader:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 
 from common import UserError
+from common.run import load_file
 
 NAMES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'efficientnet_b2',
          'wrn28_2', 'wrn28_8', 'convlarge', 'cifar_resnet18', 'wrn28_10')
@@ -235,7 +236,7 @@ def build(name, pretrained=None, trust_checkpoint=False, **kw):
         load_weights(model, state, name, source=TORCHVISION_WEIGHTS[name].url)
         return model
     path = os.path.expanduser(os.fspath(pretrained))
-    load_weights(model, load_checkpoint_file(path, trust_checkpoint), name, source=path)
+    load_weights(model, load_file(path, trust_checkpoint), name, source=path)
     return model
 
 
@@ -272,23 +273,6 @@ def _first_line(e):
                                                         .split('Check the documentation')[0].split())[:120]
     lines = text.strip().splitlines()
     return lines[0][:200] if lines else ''
-
-
-def load_checkpoint_file(path, trust_checkpoint=False):
-    """torch.load on CPU, weights_only=True unless trust_checkpoint; UserError on failure."""
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=not trust_checkpoint)
-    except Exception as e:  # noqa: BLE001
-        if trust_checkpoint:
-            raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {_first_line(e)})") from e
-        raise UserError(f"cannot load checkpoint {path} with weights_only=True ({type(e).__name__}: "
-                        f"{_first_line(e)}); if you trust this file, pass --trust_checkpoint to unpickle it") from e
-    if not isinstance(obj, Mapping):
-        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors")
-    return obj
 
 
 # Prefixes: DataParallel/DDP 'module.' (lemniscate, CLD, MoCo), MoCo v1/v2/EMAN query encoder 'encoder_q.',

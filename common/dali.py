@@ -1,7 +1,7 @@
 """DALI input pipelines for ImageNet-style data, and a pure-Python MXNet RecordIO writer and reader.
 
 `DaliStream` decodes and augments images with NVIDIA DALI, from a list of files (so index-CSV subsets work) or from
-an MXNet RecordIO pair (.rec + .idx). It has the interface of `common.datasets.BatchStream`: endless batches (or one
+an MXNet RecordIO pair (.rec + .idx). It has the interface of `common.loaders.BatchStream`: endless batches (or one
 pass for evaluation) of `(x, y, idx)`, a GLOBAL batch size split over ranks, and `state_dict()` for checkpoints.
 On a GPU it decodes with nvJPEG (device='mixed') and augments on the GPU; on CPU it runs a CPU-only pipeline
 (device_id=None), which is what the tests exercise.

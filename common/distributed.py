@@ -47,6 +47,10 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
 def barrier():
     if is_distributed():
         dist.barrier()

@@ -22,9 +22,56 @@ from common import distributed
 
 
 # ---------------------------------------------------------------------------------------------------------------- flags
-def _spellings(names, kwargs):
-    """Add the dashed spelling of every `--snake_case` flag and the default to its help string."""
+# The flags that several scripts share, with their one meaning (README, "Shared flags"). A script adds one with
+# `group.add_argument("--max_iter", shared=True, ...)`: the type and the meaning come from here, the script adds its
+# aliases, its default and, after a "; ", what the flag does in that script in particular.
+SHARED = {
+    "root": dict(help="dataset folder"),
+    "dataset": dict(help="dataset name (default: inferred from the folder name of --root)"),
+    "download": dict(action=argparse.BooleanOptionalAction, default=False,
+                     help="download and extract the dataset when its files are absent (under torchrun rank 0 "
+                          "downloads, the others wait)"),
+    "recipe": dict(help="the per-dataset defaults: one column of the recipe table below; a flag given on the "
+                        "command line wins (default: from --dataset)"),
+    "backbone": dict(help="network"),
+    "pretrained": dict(nargs="?", const=True, metavar="PATH",
+                       help="initial weights of the network this script trains: no value = the torchvision / "
+                            "official weights of --backbone, PATH = a local checkpoint (MoCo, MoCo-EMAN, CLD or "
+                            "torchvision format)"),
+    "num_labeled": dict(type=int, help="number of labeled images (a per-class split needs a multiple of the "
+                                       "number of classes)"),
+    "budget": dict(type=int, help="number of images to select for labeling"),
+    "batch_size": dict(type=int, help="images per iteration over all ranks (global)"),
+    "workers": dict(type=int, help="data-loading processes per rank"),
+    "lr": dict(type=float, help="learning rate"),
+    "weight_decay": dict(type=float, help="weight decay"),
+    "seed": dict(type=int, help="random seed"),
+    "max_iter": dict(type=int, help="the run's length in iterations, hence the schedule's"),
+    "epochs": dict(type=int, help="the run's length in passes over the training data, when --max_iter is not given"),
+    "stop_after": dict(type=int, metavar="N",
+                       help="stop after N iterations with the schedule unchanged (continue with --resume auto)"),
+    "eval_interval": dict(type=int, metavar="N", help="iterations between evaluations"),
+    "dali": dict(action=argparse.BooleanOptionalAction, default=False,
+                 help="load and augment with NVIDIA DALI (the same crops and augmentation parameters as the "
+                      "torchvision path)"),
+}
+FROM_RECIPE = "from --recipe"  # what --help shows as the default of a flag that the recipe table fills
+
+
+def _spellings(names, kwargs, parser):
+    """The shared meaning of a `shared=True` flag, the dashed spelling of every `--snake_case` name and the default in
+    the help string; a `recipe=True` flag (default None) is recorded for `apply_recipe`."""
     names = list(names)
+    dest = names[0].lstrip("-").replace("-", "_")
+    if kwargs.pop("shared", False):
+        meaning = dict(SHARED[dest])
+        note = kwargs.pop("help", None)
+        kwargs = {**meaning, **kwargs, "help": meaning["help"] + (f"; {note}" if note else "")}
+    if kwargs.pop("recipe", False):
+        if kwargs.get("default") is not None:
+            raise ValueError(f"{names[0]}: a recipe flag's default is the recipe's")
+        parser.recipe_flags.add(kwargs.get("dest", dest))
+        kwargs["help"] = f"{kwargs.get('help', '')} (default: {FROM_RECIPE})"
     for name in list(names):
         if name.startswith("--") and "_" in name and name.replace("_", "-") not in names:
             names.append(name.replace("_", "-"))
@@ -37,14 +84,18 @@ def _spellings(names, kwargs):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that also accepts the dashed spelling of every `--snake_case` flag and shows defaults in --help."""
+    """argparse with the shared flags' meanings (`shared=True`), per-dataset recipes (`recipes=`, `recipe=True`), the
+    dashed spelling of every `--snake_case` flag, and defaults shown in --help."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, recipes=None, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        self.recipes, self.recipe_flags = recipes, set()
+        if recipes:
+            kwargs["epilog"] = recipe_table(recipes) + ("\n\n" + kwargs["epilog"] if kwargs.get("epilog") else "")
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
-        names, kwargs = _spellings(names, kwargs)
+        names, kwargs = _spellings(names, kwargs, self)
         return super().add_argument(*names, **kwargs)
 
     def add_argument_group(self, *args, **kwargs):
@@ -52,7 +103,7 @@ class Parser(argparse.ArgumentParser):
         plain = group.add_argument
 
         def add_argument(*names, **kw):
-            names, kw = _spellings(names, kw)
+            names, kw = _spellings(names, kw, self)
             return plain(*names, **kw)
         group.add_argument = add_argument
         return group
@@ -61,6 +112,45 @@ class Parser(argparse.ArgumentParser):
         # One line and exit 2, like every other bad input.
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if self.recipes:
+            missing = {f for r in self.recipes.values() for f in self.recipe_flags - set(r)}
+            unknown = {f for r in self.recipes.values() for f in set(r) - self.recipe_flags}
+            if missing or unknown:  # a programming error: every recipe sets every recipe flag, and nothing else
+                raise ValueError(f"recipe table: missing {sorted(missing)}, not recipe flags {sorted(unknown)}")
+        return parsed
+
+
+def recipe_table(recipes):
+    """The recipes as --help shows them: one row per flag, one column per recipe."""
+    names = list(recipes)
+    flags = list(dict.fromkeys(f for r in recipes.values() for f in r))
+    cells = [["--" + f] + [_show(recipes[n][f]) for n in names] for f in flags]
+    header = ["recipe"] + names
+    widths = [max(len(str(row[i])) for row in [header] + cells) for i in range(len(header))]
+    line = lambda row: "  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+    return "\n".join(["recipes (--recipe; a flag given on the command line wins):", line(header)]
+                     + [line(row) for row in cells])
+
+
+def _show(value):
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "-"
+    return "-" if value is None else str(value)
+
+
+def apply_recipe(args, parser_or_recipes, name):
+    """Fill every recipe flag left at None with the recipe's value; the explicit flags stay. Records args.recipe."""
+    recipes = getattr(parser_or_recipes, "recipes", parser_or_recipes)
+    if name not in recipes:
+        raise UserError(f"unknown recipe {name!r}: choose one of {', '.join(recipes)}")
+    for flag, value in recipes[name].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, list(value) if isinstance(value, (list, tuple)) else value)
+    args.recipe = name
+    return args
 
 
 def add_standard_flags(parser):
@@ -99,11 +189,6 @@ def entry(main):
 
 
 # ------------------------------------------------------------------------------------------- devices, seeds, precision
-def resolve_device(flag="auto"):
-    if flag == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
-
 
 def seed_everything(seed, rank=0, deterministic=False):
     """Seed every RNG; ranks get different streams (augmentation) but must derive shared choices from `seed` alone."""
@@ -476,10 +561,17 @@ def atomic_write(path, write):
 
 
 def load_file(path, trust=False):
-    """torch.load on CPU, weights only unless the user vouches for the file."""
+    """The one checkpoint loader: torch.load on CPU, weights only unless the user vouches for the file (no code runs
+    from a checkpoint otherwise); a dict, or one line saying what is wrong."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:
         hint = "" if trust else " (if this is a trusted file that holds Python objects, add --trust_checkpoint)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load checkpoint {path}: {first}{hint}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj

@@ -8,7 +8,8 @@ import torchvision
 
 from common import UserError
 from common import backbones
-from common.backbones import build, load_checkpoint_file
+from common.backbones import build
+from common.run import load_file
 
 torch.set_num_threads(1)
 CIFAR_NETS = ('wrn28_2', 'wrn28_8', 'wrn28_10', 'convlarge', 'cifar_resnet18')
@@ -254,13 +255,13 @@ def test_other_network_refused(tmp_path):
 
 def test_bad_files(tmp_path):
     with pytest.raises(UserError, match='checkpoint not found'):
-        load_checkpoint_file(tmp_path / 'missing.pth')
+        load_file(tmp_path / 'missing.pth')
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(UserError, match='--trust_checkpoint'):
-        load_checkpoint_file(tmp_path / 'junk.pth')
+        load_file(tmp_path / 'junk.pth')
     torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
     with pytest.raises(UserError, match='not a dict'):
-        load_checkpoint_file(tmp_path / 'tensor.pth')
+        load_file(tmp_path / 'tensor.pth')
     torch.save({'epoch': 3}, tmp_path / 'empty.pth')
     with pytest.raises(UserError, match='no tensors'):
         build('resnet18', pretrained=tmp_path / 'empty.pth')

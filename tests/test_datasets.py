@@ -3,6 +3,7 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 import urllib.error
@@ -20,6 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fakedata as F  # noqa: E402
 from common import UserError  # noqa: E402
 from common import datasets as D  # noqa: E402
+from common import download as DL  # noqa: E402
+from common import plots as P  # noqa: E402
+from common import loaders as L  # noqa: E402
+from common import splits as S  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -144,8 +149,8 @@ def test_image_grid_rows_per_class_or_per_row(tmp_path):
     from PIL import Image
     tr = D.load('digits', None, 'train')
     picks = np.concatenate([np.flatnonzero(tr.targets == c)[:c % 3 + 1] for c in range(10)])  # 1 to 3 per class
-    D.save_image_grid(tmp_path / 'by_class.png', tr, picks, per_row=2, labelled=True, thumb=10)
-    D.save_image_grid(tmp_path / 'rows.png', tr, picks, per_row=4, labelled=False, thumb=10)
+    P.save_image_grid(tmp_path / 'by_class.png', tr, picks, per_row=2, labelled=True, thumb=10)
+    P.save_image_grid(tmp_path / 'rows.png', tr, picks, per_row=4, labelled=False, thumb=10)
     by_class, rows = Image.open(tmp_path / 'by_class.png'), Image.open(tmp_path / 'rows.png')
     assert by_class.height == 10 * 12 and by_class.width > 2 * 12  # a row per class, at most 2 thumbnails, names
     assert rows.size == (4 * 12, 5 * 12)  # 19 picks in rows of 4, no names
@@ -153,22 +158,19 @@ def test_image_grid_rows_per_class_or_per_row(tmp_path):
     first = np.asarray(tr.image(int(picks[0])).convert('RGB').resize((10, 10)))
     assert (np.asarray(rows.convert('RGB'))[:10, :10] == first).all()
 
-def test_image_list_with_spaces(tmp_path, data):
-    root = data['cars']
+def test_image_list_with_spaces(tmp_path):
     lst = tmp_path / 'mine.txt'
     lst.write_text('train/Cessna 172/img 000.jpg 1\n\ntrain/001.Class_0/001.Class_0_0000.jpg 0\n')
-    paths, labels = D.read_image_list(lst, root)
-    assert paths[0] == os.path.join(root, 'train/Cessna 172/img 000.jpg') and labels.tolist() == [1, 0]
-    s = D.image_list_set(lst, root)
-    assert s.classes == ['001.Class_0', 'Cessna 172'] and s[0][1] == 1 and close_to_class(s[0][0], 1)
+    rel, labels, lines = D.parse_list(lst, with_lines=True)
+    assert rel[0] == 'train/Cessna 172/img 000.jpg' and labels.tolist() == [1, 0] and lines == [1, 3]
     with pytest.raises(UserError, match=r'mine\.txt:1: label 1 is outside the class range 0\.\.0'):
-        D.read_image_list(lst, root, num_classes=1)
+        D.parse_list(lst, num_classes=1)
     lst.write_text('a.jpg 0\nb.jpg x\n')
     with pytest.raises(UserError, match=r'mine\.txt:2: label .x. is not an integer'):
-        D.read_image_list(lst, root)
+        D.parse_list(lst)
     lst.write_text('a.jpg 0\nb c.jpg 7\n')
     with pytest.raises(UserError, match=r'mine\.txt:2: label 7 is outside the class range 0\.\.3'):
-        D.image_list_set(lst, root, num_classes=4)
+        D.parse_list(lst, num_classes=4)
 
 
 def test_finegrained_label_out_of_range(tmp_path):
@@ -211,7 +213,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     with pytest.raises(UserError, match='zz_broken.JPEG'):
         tr[j]
     tr.transform = T.ToTensor()
-    stream = D.BatchStream(tr, 7, seed=0, workers=1, drop_last=False, shuffle=False)
+    stream = L.BatchStream(tr, 7, seed=0, workers=1, drop_last=False, shuffle=False)
     with pytest.raises(UserError) as e:  # raised in a worker: still one line naming the file
         next(stream)
     assert 'zz_broken.JPEG' in str(e.value) and '\n' not in str(e.value)
@@ -222,7 +224,7 @@ def test_bad_archive_writes_nothing(tmp_path):
     arc = F.write_bad_archive(tmp_path / 'bad.tar.gz')
     dest = tmp_path / 'out'
     with pytest.raises(UserError, match=r"\.\."):
-        D.safe_extract(arc, dest)
+        DL.safe_extract(arc, dest)
     assert list(dest.iterdir()) == [] and not (tmp_path / 'escaped.txt').exists()
 
 
@@ -230,27 +232,27 @@ def test_safe_extract_refuses_absolute_and_escaping_links(tmp_path):
     dest = tmp_path / 'out'
     arc = F.write_archive(tmp_path / 'abs.tar', {'ok.txt': b'1', '/etc/evil': b'2'})
     with pytest.raises(UserError, match='absolute'):
-        D.safe_extract(arc, dest)
+        DL.safe_extract(arc, dest)
     arc = tmp_path / 'link.tar'
     with tarfile.open(arc, 'w') as t:
         info = tarfile.TarInfo('data/link')
         info.type, info.linkname = tarfile.SYMTYPE, '../../outside'
         t.addfile(info)
     with pytest.raises(UserError, match='outside'):
-        D.safe_extract(arc, dest)
+        DL.safe_extract(arc, dest)
     arc = F.write_archive(tmp_path / 'bad.zip', {'a/ok.txt': b'1', 'a/../../evil.txt': b'2'})
     with pytest.raises(UserError):
-        D.safe_extract(arc, dest)
+        DL.safe_extract(arc, dest)
     assert list(dest.iterdir()) == []
     (tmp_path / 'junk.tgz').write_bytes(b'not an archive')
     with pytest.raises(UserError, match='neither'):
-        D.safe_extract(tmp_path / 'junk.tgz', dest)
+        DL.safe_extract(tmp_path / 'junk.tgz', dest)
 
 
 def test_safe_extract_good_archives_merge(tmp_path):
     dest = tmp_path / 'out'
-    D.safe_extract(F.write_archive(tmp_path / 'a.tgz', {'train/c/x.txt': b'x', 'top.txt': b't'}), dest)
-    D.safe_extract(F.write_archive(tmp_path / 'b.zip', {'train/d/y.txt': b'y', 'image_list/l.txt': b'l'}), dest)
+    DL.safe_extract(F.write_archive(tmp_path / 'a.tgz', {'train/c/x.txt': b'x', 'top.txt': b't'}), dest)
+    DL.safe_extract(F.write_archive(tmp_path / 'b.zip', {'train/d/y.txt': b'y', 'image_list/l.txt': b'l'}), dest)
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob('*') if p.is_file()) == \
         ['image_list/l.txt', 'top.txt', 'train/c/x.txt', 'train/d/y.txt']
     assert not [p for p in dest.iterdir() if p.name.startswith('.extract')]
@@ -302,7 +304,7 @@ def test_safe_extract_never_replaces_user_entries_of_another_type(tmp_path, memb
     else:
         arc = F.write_archive(tmp_path / ('a.zip' if kind == 'zip file' else 'a.tgz'), {**files, member: b'x'})
     with pytest.raises(UserError) as e:
-        D.safe_extract(arc, dest)
+        DL.safe_extract(arc, dest)
     msg = str(e.value)
     assert msg.startswith(f'refusing to extract {arc}') and f"member '{member}'" in msg and str(dest / member) in msg
     assert '\n' not in msg
@@ -312,10 +314,10 @@ def test_safe_extract_never_replaces_user_entries_of_another_type(tmp_path, memb
 def test_safe_extract_again_replaces_its_own_files(tmp_path):
     dest = tmp_path / 'out'
     arc = link_tar(tmp_path / 'a.tar', {'train/c/x.txt': b'x', 'top.txt': b't'}, {'train/latest': 'c/x.txt'})
-    D.safe_extract(arc, dest)
+    DL.safe_extract(arc, dest)
     (dest / 'train' / 'c' / 'x.txt').write_bytes(b'changed')
     (dest / 'train' / 'c' / 'y.txt').write_bytes(b'user file')
-    D.safe_extract(arc, dest)  # an interrupted download is extracted again over the same files
+    DL.safe_extract(arc, dest)  # an interrupted download is extracted again over the same files
     assert tree(dest) == {'top.txt': ('file', b't'), 'train': ('dir',), 'train/c': ('dir',),
                           'train/c/x.txt': ('file', b'x'), 'train/c/y.txt': ('file', b'user file'),
                           'train/latest': ('link', 'c/x.txt')}
@@ -333,7 +335,7 @@ def test_safe_extract_hard_links_only_to_archive_members(tmp_path):
             info.type, info.linkname = tarfile.LNKTYPE, target
             t.addfile(info)
     with pytest.raises(UserError, match=r"hard link 'x\.jpg' -> 'train/mine\.jpg'") as e:
-        D.safe_extract(arc, dest)
+        DL.safe_extract(arc, dest)
     assert '\n' not in str(e.value) and tree(dest) == before
 
 
@@ -408,7 +410,7 @@ def test_malformed_cifar_batch_is_one_line(tmp_path, name, fname, change, patter
 def test_download_failure_names_url_and_destination(tmp_path, monkeypatch):
     def fail(url, out, timeout=60):
         raise urllib.error.URLError('no network')
-    monkeypatch.setattr(D, '_fetch', fail)
+    monkeypatch.setattr(DL, '_fetch', fail)
     with pytest.raises(UserError) as e:
         D.load('cifar10', tmp_path / 'c10', 'train', download=True)
     msg = str(e.value)
@@ -418,9 +420,9 @@ def test_download_failure_names_url_and_destination(tmp_path, monkeypatch):
 
 
 def test_download_checksum_mismatch(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, '_fetch', lambda url, out, timeout=60: Path(out).write_bytes(b'tampered'))
+    monkeypatch.setattr(DL, '_fetch', lambda url, out, timeout=60: Path(out).write_bytes(b'tampered'))
     with pytest.raises(UserError, match='sha256'):
-        D.download('cifar100', tmp_path)
+        DL.download('cifar100', tmp_path)
 
 
 def test_download_finegrained_uses_mirror_and_extracts(tmp_path, monkeypatch):
@@ -429,7 +431,7 @@ def test_download_finegrained_uses_mirror_and_extracts(tmp_path, monkeypatch):
     for fname, top in (('image_list.zip', 'image_list'), ('train.tgz', 'train'), ('test.tgz', 'test')):
         files = {str(p.relative_to(src)): p.read_bytes() for p in (src / top).rglob('*') if p.is_file()}
         archives[fname] = F.write_archive(tmp_path / 'arch' / fname, files)
-    urls = {r.filename: r.urls for r in D.REMOTE['cub200']}
+    urls = {r.filename: r.urls for r in DL.REMOTE['cub200']}
     assert urls['image_list.zip'][0] == 'https://cloud.tsinghua.edu.cn/f/c2a5952eb18b466b9fb0/?dl=1'
     assert urls['image_list.zip'][1] == 'https://cloud.tsinghua.edu.cn/f/fa398a321b094a24a347/?dl=1'
     tried = []
@@ -441,11 +443,11 @@ def test_download_finegrained_uses_mirror_and_extracts(tmp_path, monkeypatch):
                 raise urllib.error.URLError('gone')  # the newer link is down: the mirror must be used
             if url == u[1]:
                 shutil.copy(archives[fname], out)
-    monkeypatch.setattr(D, '_fetch', fetch)
+    monkeypatch.setattr(DL, '_fetch', fetch)
     root = tmp_path / 'CUB200'
     tr = D.load('cub200', root, 'train', download=True)
     assert len(tr) == 8 and len(tried) == 6 and tr.classes == F.finegrained_class_names(2)
-    lab, unl = D.finegrained_split(root, 'cub200', 50)
+    lab, unl = S.finegrained_split(root, 'cub200', 50)
     assert len(lab) == 4 and len(unl) == 4
     # archives put in ROOT by hand (no published checksum) are used without any network access
     by_hand = tmp_path / 'by_hand' / 'CUB200'
@@ -462,31 +464,31 @@ def test_download_finegrained_uses_mirror_and_extracts(tmp_path, monkeypatch):
 def test_class_balanced_split():
     targets = np.repeat(np.arange(4), 10)
     np.random.RandomState(3).shuffle(targets)
-    lab, unl = D.class_balanced_split(targets, 8, 4, seed=1)
+    lab, unl = S.class_balanced_split(targets, 8, 4, seed=1)
     assert np.bincount(targets[lab], minlength=4).tolist() == [2, 2, 2, 2]
     assert unl.tolist() == list(range(40)) and lab.dtype == np.int64
     # depends only on the seed, not on the process's RNG state (ranks seed their RNGs differently)
     np.random.seed(0), random.seed(0), torch.manual_seed(0)
-    rank0 = D.class_balanced_split(targets, 8, 4, seed=1)[0]
+    rank0 = S.class_balanced_split(targets, 8, 4, seed=1)[0]
     np.random.seed(1), random.seed(1), torch.manual_seed(1)
-    rank1 = D.class_balanced_split(targets, 8, 4, seed=1)[0]
+    rank1 = S.class_balanced_split(targets, 8, 4, seed=1)[0]
     assert rank0.tolist() == rank1.tolist() == lab.tolist()
-    assert D.class_balanced_split(targets, 8, 4, seed=2)[0].tolist() != lab.tolist()
+    assert S.class_balanced_split(targets, 8, 4, seed=2)[0].tolist() != lab.tolist()
     np.random.seed(1)  # FixMatch's x_u_split: np.random.choice per class after seeding the global RNG
     fixmatch = np.concatenate([np.random.choice(np.flatnonzero(targets == c), 2, False) for c in range(4)])
     assert sorted(fixmatch.tolist()) == lab.tolist()
-    lab2, unl2 = D.class_balanced_split(targets, 8, 4, seed=1, exclude_labeled=True)
+    lab2, unl2 = S.class_balanced_split(targets, 8, 4, seed=1, exclude_labeled=True)
     assert lab2.tolist() == lab.tolist() and sorted(set(unl2) | set(lab2)) == list(range(40))
     assert not set(unl2) & set(lab2)
-    assert len(D.class_balanced_split(targets, 10, 4, seed=1)[0]) == 8  # 10 // 4 = 2 per class
+    assert len(S.class_balanced_split(targets, 10, 4, seed=1)[0]) == 8  # 10 // 4 = 2 per class
     with pytest.raises(UserError, match='multiple of 4'):
-        D.class_balanced_split(targets, 10, 4, seed=1, exact=True)
+        S.class_balanced_split(targets, 10, 4, seed=1, exact=True)
     with pytest.raises(UserError, match='only 40 images'):
-        D.class_balanced_split(targets, 44, 4, seed=1)
+        S.class_balanced_split(targets, 44, 4, seed=1)
     with pytest.raises(UserError, match='class 3 has 1 training images'):
-        D.class_balanced_split(np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3]), 8, 4, seed=1)
+        S.class_balanced_split(np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3]), 8, 4, seed=1)
     with pytest.raises(UserError):
-        D.class_balanced_split(targets, 3, 4, seed=1)
+        S.class_balanced_split(targets, 3, 4, seed=1)
 
 
 def test_finegrained_split(data):
@@ -495,31 +497,31 @@ def test_finegrained_split(data):
     lines100 = (root / 'image_list' / 'train_100.txt').read_text().splitlines()
     for r in (15, 30, 50):
         lines_r = set((root / 'image_list' / f'train_{r}.txt').read_text().splitlines())
-        lab, unl = D.finegrained_split(root, 'StanfordCars', r)
+        lab, unl = S.finegrained_split(root, 'StanfordCars', r)
         want_unl = [k for k, line in enumerate(lines100) if line not in lines_r]
         assert unl.source_index.tolist() == want_unl  # train_100 minus train_r, in train_100's order
         assert sorted(lab.source_index.tolist()) == [k for k, line in enumerate(lines100) if line in lines_r]
         assert set(np.unique(lab.targets)) == {0, 1, 2, 3}
         assert [full.ids[k] for k in unl.source_index] == unl.ids
-    lab, unl = D.finegrained_split(root, 'stanfordcars', 100)
+    lab, unl = S.finegrained_split(root, 'stanfordcars', 100)
     assert len(lab) == 40 and len(unl) == 0
     with pytest.raises(UserError, match=r'15, 30, 50, 100'):
-        D.finegrained_split(root, 'stanfordcars', 17)
+        S.finegrained_split(root, 'stanfordcars', 17)
 
 
 def test_index_files(tmp_path, data):
     tr = D.load('imagenet', data['imagenet'], 'train')
     d = data['imagenet'] / 'indexes'
-    x = D.read_index_file(d / 'train_1p_index.csv', len(tr))
-    u = D.read_index_file(d / 'train_99p_index.csv', len(tr))
+    x = S.read_index_file(d / 'train_1p_index.csv', len(tr))
+    u = S.read_index_file(d / 'train_99p_index.csv', len(tr))
     assert sorted(set(x) | set(u)) == list(range(len(tr))) and not set(x) & set(u)
     assert set(tr.targets[x]) == {0, 1, 2} and x.dtype == np.int64
     np.save(tmp_path / 'sel.npy', np.array([4, 1, 7]))
-    assert D.read_index_file(tmp_path / 'sel.npy', 10).tolist() == [4, 1, 7]
-    D.write_index_csv(tmp_path / 'out' / 'sel.csv', [3, 0], tr.ids)
+    assert S.read_index_file(tmp_path / 'sel.npy', 10).tolist() == [4, 1, 7]
+    S.write_index_csv(tmp_path / 'out' / 'sel.csv', [3, 0], tr.ids)
     text = (tmp_path / 'out' / 'sel.csv').read_text().splitlines()
     assert text == ['Index,ImageID', f'3,{tr.ids[3]}', f'0,{tr.ids[0]}']
-    assert D.read_index_file(tmp_path / 'out' / 'sel.csv', len(tr)).tolist() == [3, 0]
+    assert S.read_index_file(tmp_path / 'out' / 'sel.csv', len(tr)).tolist() == [3, 0]
 
 
 @pytest.mark.parametrize('content,pattern', [
@@ -532,35 +534,35 @@ def test_index_files(tmp_path, data):
 def test_index_csv_errors(tmp_path, content, pattern):
     (tmp_path / 'bad.csv').write_text(content)
     with pytest.raises(UserError, match=pattern):
-        D.read_index_file(tmp_path / 'bad.csv', 5)
+        S.read_index_file(tmp_path / 'bad.csv', 5)
 
 
 def test_index_npy_errors(tmp_path):
     np.save(tmp_path / 'a.npy', np.array([0, 9]))
     with pytest.raises(UserError, match=r'a\.npy: entry 1: index 9 is out of range'):
-        D.read_index_file(tmp_path / 'a.npy', 5)
+        S.read_index_file(tmp_path / 'a.npy', 5)
     np.save(tmp_path / 'b.npy', np.array([3, 1, 3]))
     with pytest.raises(UserError, match=r'b\.npy: entry 2: duplicate index 3 \(first at entry 0\)'):
-        D.read_index_file(tmp_path / 'b.npy', 5)
+        S.read_index_file(tmp_path / 'b.npy', 5)
     np.save(tmp_path / 'c.npy', np.array([0.5, 1.0]))
     with pytest.raises(UserError, match='c.npy'):
-        D.read_index_file(tmp_path / 'c.npy', 5)
+        S.read_index_file(tmp_path / 'c.npy', 5)
 
 
 def test_pseudo_label_csv(tmp_path, data):
     tr = D.load('imagenet', data['imagenet'], 'train')
     d = data['imagenet'] / 'indexes'
-    xi, xl, xp = D.read_pseudo_label_csv(d / 'CLIPPseudoLabel0.95.csv', len(tr))
-    ui, ul, up = D.read_pseudo_label_csv(d / 'CLIPPseudoLabel0.95-Unselected.csv', len(tr), num_classes=3)
+    xi, xl, xp = S.read_pseudo_label_csv(d / 'CLIPPseudoLabel0.95.csv', len(tr))
+    ui, ul, up = S.read_pseudo_label_csv(d / 'CLIPPseudoLabel0.95-Unselected.csv', len(tr), num_classes=3)
     assert xp is None and up.dtype == np.float32 and len(up) == len(ui) and ((up > 0) & (up < 1)).all()
     assert sorted(set(xi) | set(ui)) == list(range(len(tr)))
     assert (xl != tr.targets[xi]).sum() == 2 and (ul != tr.targets[ui]).sum() == 2  # deliberate mistakes
     (tmp_path / 'p.csv').write_text('Index,PseudoLabel\n0,1\n1,3\n')
     with pytest.raises(UserError, match=r'p\.csv:3: PseudoLabel 3 is out of range 0\.\.2'):
-        D.read_pseudo_label_csv(tmp_path / 'p.csv', 5, num_classes=3)
+        S.read_pseudo_label_csv(tmp_path / 'p.csv', 5, num_classes=3)
     (tmp_path / 'p.csv').write_text('Index,Label\n0,1\n')
     with pytest.raises(UserError, match=r"p\.csv:1: no 'PseudoLabel' column"):
-        D.read_pseudo_label_csv(tmp_path / 'p.csv', 5)
+        S.read_pseudo_label_csv(tmp_path / 'p.csv', 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -575,8 +577,8 @@ def tensor_set(n=20, C=4):
 
 def test_stream_splits_global_batch_over_ranks():
     ds = tensor_set(20)
-    s0 = D.BatchStream(ds, 8, seed=3, rank=0, world_size=2)
-    s1 = D.BatchStream(ds, 8, seed=3, rank=1, world_size=2)
+    s0 = L.BatchStream(ds, 8, seed=3, rank=0, world_size=2)
+    s1 = L.BatchStream(ds, 8, seed=3, rank=1, world_size=2)
     assert s0.batches_per_pass == 2
     seen = []
     for _ in range(2):
@@ -593,14 +595,14 @@ def test_stream_splits_global_batch_over_ranks():
 def test_stream_resume_same_batches():
     ds = tensor_set(10)
     ds.transform = T.Compose([T.PILToTensor(), T.Lambda(lambda x: x + torch.randint(0, 100, (1,)).to(x.dtype))])
-    a = D.BatchStream(ds, 4, seed=5)
+    a = L.BatchStream(ds, 4, seed=5)
     torch.manual_seed(0)
     ref = [next(a) for _ in range(7)]  # crosses passes (2 batches per pass)
-    b = D.BatchStream(ds, 4, seed=5)
+    b = L.BatchStream(ds, 4, seed=5)
     torch.manual_seed(0)
     first = [next(b) for _ in range(3)]
     state, rng = b.state_dict(), torch.get_rng_state()
-    c = D.BatchStream(ds, 4, seed=5)
+    c = L.BatchStream(ds, 4, seed=5)
     c.load_state_dict(state)
     torch.set_rng_state(rng)
     got = first + [next(c) for _ in range(4)]
@@ -611,14 +613,14 @@ def test_stream_resume_same_batches():
 def test_stream_resume_with_workers_is_exact():
     ds = tensor_set(12)
     ds.transform = T.Compose([T.PILToTensor(), T.Lambda(lambda x: x + torch.randint(0, 100, (1,)).to(x.dtype))])
-    a = D.BatchStream(ds, 4, seed=1, workers=2)
+    a = L.BatchStream(ds, 4, seed=1, workers=2)
     ref = [next(a) for _ in range(5)]
     a.close()
-    b = D.BatchStream(ds, 4, seed=1, workers=1)
+    b = L.BatchStream(ds, 4, seed=1, workers=1)
     first = [next(b) for _ in range(2)]
     state = b.state_dict()
     b.close()
-    c = D.BatchStream(ds, 4, seed=1, workers=2)
+    c = L.BatchStream(ds, 4, seed=1, workers=2)
     c.load_state_dict(state)
     got = first + [next(c) for _ in range(3)]
     c.close()
@@ -629,29 +631,78 @@ def test_stream_resume_with_workers_is_exact():
 
 def test_stream_small_set_and_no_drop_last():
     ds = tensor_set(3)
-    s = D.BatchStream(ds, 4, seed=0)  # fewer items than a batch: batches continue into the next pass
+    s = L.BatchStream(ds, 4, seed=0)  # fewer items than a batch: batches continue into the next pass
     i1, i2 = next(s)[2], next(s)[2]
     perms = np.concatenate([np.random.RandomState(p).permutation(3) for p in range(3)])
     assert i1.tolist() + i2.tolist() == perms[:8].tolist()
-    s = D.BatchStream(tensor_set(10), 4, seed=0, drop_last=False, shuffle=False)
+    s = L.BatchStream(tensor_set(10), 4, seed=0, drop_last=False, shuffle=False)
     assert [len(next(s)[2]) for _ in range(4)] == [4, 4, 2, 4] and s.batches_per_pass == 3
     with pytest.raises(UserError, match='empty'):
-        D.BatchStream(ds.subset([]), 4, seed=0)
+        L.BatchStream(ds.subset([]), 4, seed=0)
 
 
 def test_multiview_transforms_are_independent():
     ds = tensor_set(8)
     view = T.Compose([T.PILToTensor(), T.Lambda(lambda x: x + torch.randint(0, 1000, (1,)).to(torch.int64))])
     ds.transform = [view, view, T.PILToTensor()]
-    (v1, v2, v3), y, i = next(D.BatchStream(ds, 8, seed=0))
+    (v1, v2, v3), y, i = next(L.BatchStream(ds, 8, seed=0))
     assert v1.shape == v2.shape == (8, 3, 4, 4) and not torch.equal(v1, v2)
     assert (v3[:, 0, 0, 0] == i).all()
 
 
 def test_eval_loader_in_order_over_ranks():
     ds = tensor_set(10)
-    assert torch.cat([b[2] for b in D.eval_loader(ds, 4)]).tolist() == list(range(10))
-    parts = [torch.cat([b[2] for b in D.eval_loader(ds, 3, rank=r, world_size=3)]).tolist() for r in range(3)]
+    assert torch.cat([b[2] for b in L.eval_loader(ds, 4)]).tolist() == list(range(10))
+    parts = [torch.cat([b[2] for b in L.eval_loader(ds, 3, rank=r, world_size=3)]).tolist() for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(10)) and parts[0] == [0, 3, 6, 9]
-    padded = [torch.cat([b[2] for b in D.eval_loader(ds, 3, rank=r, world_size=3, pad=True)]) for r in range(3)]
+    padded = [torch.cat([b[2] for b in L.eval_loader(ds, 3, rank=r, world_size=3, pad=True)]) for r in range(3)]
     assert {len(p) for p in padded} == {4}
+
+
+_DOWNLOAD_UNDER_TORCHRUN = '''
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import common
+from common import UserError, datasets, distributed, download
+import fakedata
+
+root, log, fail = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "fail"
+d = distributed.init("cpu")
+
+def fetch(name, where):
+    with open(log, "a") as f:
+        f.write(f"rank {{d.rank}}\\n")
+    if fail:
+        raise UserError("could not download cifar-10-python.tar.gz")
+    fakedata.write_cifar(where)
+
+download.download = fetch
+try:
+    train = datasets.load("cifar10", root, "train", download=True)
+    test = datasets.load("cifar10", root, "test", download=True)  # present by now: nobody downloads
+    print(f"rank {{d.rank}} read {{len(train)}} + {{len(test)}}")
+except UserError as e:
+    print(f"rank {{d.rank}} error: {{e}}")
+distributed.shutdown()
+'''
+
+
+def test_download_under_torchrun_rank0_fetches_and_the_others_wait(tmp_path):
+    """Two gloo processes ask for the same absent dataset: rank 0 alone downloads, both then read it; an error on
+    rank 0 reaches every rank instead of leaving the others waiting or reading a half-written folder."""
+    from conftest import REPO, script_env
+    script = tmp_path / 'load.py'
+    script.write_text(_DOWNLOAD_UNDER_TORCHRUN.format(tests=str(REPO / 'tests')))
+    for mode in ('ok', 'fail'):
+        root, log = tmp_path / f'c10-{mode}', tmp_path / f'{mode}.log'
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(script), str(root), str(log), mode], env=script_env(tmp_path),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert log.read_text() == 'rank 0\n'
+        lines = sorted(l for l in proc.stdout.splitlines() if l.startswith('rank'))
+        if mode == 'ok':
+            assert lines == ['rank 0 read 60 + 20', 'rank 1 read 60 + 20']
+        else:
+            assert lines == [f'rank {r} error: could not download cifar-10-python.tar.gz' for r in (0, 1)]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import debiaspl
 import fakedata
-from common import UserError, datasets
+from common import UserError, datasets, splits
 from common import run as runlib
 from conftest import assert_ok, run_script
 
@@ -561,7 +561,7 @@ def test_cli_cifar10(cifar, tmp_path, env):
     summary = json.loads((tmp_path / "debiaspl-cifar10-40-s0" / "summary.json").read_text())
     assert summary["iters"] == 2 and summary["labeled"] == 40 and summary["unlabeled"] == 60
     # the split is saved in the run folder in the index-file format, so it can be fed back as --trainindex_x
-    split = datasets.read_index_file(tmp_path / "debiaspl-cifar10-40-s0" / "labeled.csv", 60)
+    split = splits.read_index_file(tmp_path / "debiaspl-cifar10-40-s0" / "labeled.csv", 60)
     assert len(split) == 40 and len(np.unique(np.asarray(datasets.load("cifar10", cifar, "train").targets)[split])) == 10
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fakedata
 import metasemi as M
-from common import UserError, backbones, datasets
+from common import UserError, backbones, splits
 from conftest import assert_ok, assert_user_error, run_script
 
 
@@ -238,7 +238,7 @@ def test_cifar10_command_line(data, tmp_path, env, meta_grad):
     assert (run / "checkpoint.pt").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert len(ck["labeled_idx"]) == 40 and ck["step"] == 2
-    split = datasets.read_index_file(run / "labeled.csv", 60)  # the saved split reads back as an index file
+    split = splits.read_index_file(run / "labeled.csv", 60)  # the saved split reads back as an index file
     assert sorted(split.tolist()) == sorted(ck["labeled_idx"].tolist())
     assert not (run / "features.png").exists()  # the feature map is off by default
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import usl
-from common import UserError, backbones, datasets
+from common import UserError, backbones, datasets, splits
 from conftest import assert_ok, assert_user_error, run_script
 from fakedata import write_cifar, write_imagefolder
 from runhelpers import cli, snapshot
@@ -205,8 +205,8 @@ def test_cli_cifar_end_to_end_cache_and_features(cifar, env, capsys):
     picks = np.load(run / 'selected.npy')
     assert len(picks) == 10 == len(set(picks.tolist())) and picks.max() < 60
     train = datasets.load('cifar10', root, 'train')
-    sel = datasets.read_index_file(run / 'selected.csv', 60)
-    rest = datasets.read_index_file(run / 'unselected.csv', 60)
+    sel = splits.read_index_file(run / 'selected.csv', 60)
+    rest = splits.read_index_file(run / 'unselected.csv', 60)
     assert sel.tolist() == sorted(picks.tolist()) and sorted(sel.tolist() + rest.tolist()) == list(range(60))
     assert (run / 'selected.csv').read_text().splitlines()[1] == f'{sel[0]},{train.ids[sel[0]]}'
     summary = json.loads((run / 'summary.json').read_text())
@@ -334,7 +334,7 @@ def test_a_selection_is_not_overwritten_and_resume_auto_selects_again(cifar, tmp
     assert_ok(proc)
     assert f"cache: reusing {folder / 'd_knns_5.npy'}" in proc.stdout.splitlines()
     picks = np.load(folder / 'selected.npy')
-    assert len(picks) == 6 and datasets.read_index_file(folder / 'selected.csv', 60).tolist() == sorted(picks)
+    assert len(picks) == 6 and splits.read_index_file(folder / 'selected.csv', 60).tolist() == sorted(picks)
     assert json.loads((folder / 'summary.json').read_text())['num_selected'] == 6
     assert json.loads((folder / 'args.json').read_text())['flags']['budget'] == 6
 

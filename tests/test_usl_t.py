@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import usl_t
-from common import UserError, backbones, datasets
+from common import UserError, backbones, datasets, splits
 from conftest import assert_ok, assert_user_error, run_script
 from fakedata import write_cifar, write_imagefolder
 from runhelpers import cli, snapshot
@@ -146,7 +146,7 @@ def test_cli_cifar_resume_equals_uninterrupted(cifar, env):
         assert torch.equal(a['model'][k], b['model'][k]), k
     assert torch.equal(a['local_loss']['prob_ema'], b['local_loss']['prob_ema'])
     assert np.load(logdir / 'full' / 'selected.npy').tolist() == np.load(logdir / 'cut' / 'selected.npy').tolist()
-    sel = datasets.read_index_file(logdir / 'full' / 'selected.csv', 30)
+    sel = splits.read_index_file(logdir / 'full' / 'selected.csv', 30)
     assert len(sel) == 4
     summary = json.loads((logdir / 'full' / 'summary.json').read_text())
     assert sum(summary['class_counts']) == 4 and summary['iters'] == 4
@@ -178,7 +178,7 @@ def test_cli_imagenet_recipe_pseudo_labels(tmp_path, env):
     torch.testing.assert_close(ck['model']['backbone.conv1.weight'], net.conv1.weight)
     lines = (run / 'pseudo_labels.csv').read_text().splitlines()
     assert lines[0] == 'Index,ImageID,PseudoLabel'
-    idx, labels, _ = datasets.read_pseudo_label_csv(run / 'pseudo_labels.csv', len(train), 3)
+    idx, labels, _ = splits.read_pseudo_label_csv(run / 'pseudo_labels.csv', len(train), 3)
     queried = np.load(run / 'selected.npy')
     assert set(queried.tolist()) <= set(idx.tolist()) and 1 <= len(queried) <= 3
 
