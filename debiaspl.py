@@ -18,7 +18,7 @@ Launch (ImageNet 1% with MoCo-EMAN initialisation, the reference's scripts/1perc
               --multiviews --amp bf16 --dali
   8 GPUs:   torchrun --nproc_per_node 8 debiaspl.py <the same flags>      (--batch_size is global: 64 labeled)
   CPU:      python debiaspl.py --root ./cifar10 --dataset cifar10 --num_labeled 40 --batch_size 8 --mu 2 \
-              --max_iter 100 --device cpu --workers 0
+              --stop_after 100 --device cpu --workers 0       (100 iterations of the full schedule; --resume auto goes on)
 Demo on scikit-learn's digits (no files; 300 iterations, ~1 min 40 s on 2 idle CPU cores, 86-91% top-1; resnet18
   is the cheapest backbone at 32 px, lr 0.01 keeps its from-scratch start stable; on a busy machine set
   OMP_NUM_THREADS=1, two threads competing for two shared cores run several times slower):
@@ -27,6 +27,7 @@ Demo on scikit-learn's digits (no files; 300 iterations, ~1 min 40 s on 2 idle C
 CIFAR-10 (the FixMatch protocol): python debiaspl.py --root ./cifar10 --download --num_labeled 40 --batch_size 64 \
   --mu 7 --lr 0.03 --nesterov --weight_decay 5e-4 --threshold 0.95 --lambda_u 1 --epochs 1024 --epoch_iters 1024 \
   --tau 0.4 --qhat_m 0.999                         (add --eman to pseudo-label with, and evaluate, an EMAN teacher)
+Per-dataset defaults come from RECIPES (--recipe imagenet | cifar, inferred from --dataset; --help prints the table).
 Index files name ImageFolder positions of ROOT/train (column `Index`, or a .npy of indices, as usl.py writes them);
 a bare name resolves under ROOT/indexes/ as in the reference, anything else as a path.
 """
@@ -54,113 +55,122 @@ from common import run as runlib
 
 IMAGENET_LIKE = ("imagenet", "imagefolder")
 
+# ----------------------------------------------------------------------------------------------------------- recipes
+# The per-dataset defaults (docs/debiaspl.md, "Recipes"; --help prints them): the reference's argparse values for
+# ImageNet-style folders, FixMatch's CIFAR protocol for every dataset loaded as small arrays (CIFAR, SVHN, digits, and
+# the fine-grained sets, which this script also trains at 32 px). The reference's lambda_u 10 / threshold 0.7 / tau 1
+# assume a student initialised from MoCo-EMAN weights: a student trained from scratch at 32 px pseudo-labels its own
+# noise past 0.7 within a few iterations, and weight 10 on those labels blows the logits up (labeled CE 2.3 -> 30+).
+RECIPES = {
+    "imagenet": dict(backbone="resnet50", image_size=224, dropout=0.45, exclude_labeled=True, lr_schedule="step",
+                     weight_decay=1e-4, nesterov=False, lambda_u=10.0, threshold=0.7, tau=1.0),
+    "cifar": dict(backbone="wrn28_2", image_size=32, dropout=0.0, exclude_labeled=False, lr_schedule="fixmatch_cos",
+                  weight_decay=5e-4, nesterov=True, lambda_u=1.0, threshold=0.95, tau=0.4),
+}
+
+
+def recipe_of(dataset):
+    """The recipe --dataset implies: ImageNet-style folders take the reference's, every other dataset FixMatch's."""
+    return "imagenet" if dataset in IMAGENET_LIKE else "cifar"
+
 
 # ------------------------------------------------------------------------------------------------------------- flags
 def parse_args(argv=None):
-    # flags are added to the parser itself, not to argument groups: common.run.Parser adds the dashed spellings
-    # and the defaults in --help only there
-    p = runlib.Parser(description=__doc__.split("\n\n")[0])
-    # data
-    p.add_argument("--root", default=None, help="dataset folder (ImageNet layout: train/, val/, indexes/)")
-    p.add_argument("--dataset", default=None, choices=datasets.NAMES,
-                   help="dataset format (default: inferred from the basename of --root)")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                   help="download the dataset if it is missing (CIFAR, SVHN)")
-    p.add_argument("--trainindex_x", default=None,
+    p = runlib.Parser(description=__doc__.split("\n\n")[0], recipes=RECIPES)
+    g = p.add_argument_group("data")
+    g.add_argument("--root", shared=True, default=None, help="ImageNet layout: train/, val/, indexes/")
+    g.add_argument("--dataset", shared=True, default=None, choices=datasets.NAMES)
+    g.add_argument("--recipe", shared=True, default=None, choices=list(RECIPES))
+    g.add_argument("--download", shared=True)
+    g.add_argument("--trainindex_x", default=None,
                    help="labeled images: CSV with an Index column (or .npy of indices, e.g. usl.py's selected.csv); "
                         "a bare name resolves under ROOT/indexes/")
-    p.add_argument("--trainindex_u", default=None,
+    g.add_argument("--trainindex_u", default=None,
                    help="unlabeled images, same format (default: every training image not in --trainindex_x)")
-    p.add_argument("--anno_percent", type=float, default=0.1,
+    g.add_argument("--num_labeled", shared=True, default=None,
+                   help="without index files: that many labels, class-balanced, drawn with --seed (the CIFAR protocol)")
+    g.add_argument("--anno_percent", type=float, default=0.1,
                    help="without index files or --num_labeled: label this fraction of each class at random (seeded)")
-    p.add_argument("--num_labeled", type=int, default=None,
-                   help="without index files: this many labels, class-balanced, drawn with --seed (CIFAR protocol)")
-    p.add_argument("--exclude_labeled", action=argparse.BooleanOptionalAction, default=None,
-                   help="unlabeled set = the complement of the labeled set (default: yes for ImageNet-style folders, "
-                        "as the reference's index files; no for CIFAR/SVHN, the FixMatch convention: all images)")
-    p.add_argument("--zero_shot", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--exclude_labeled", action=argparse.BooleanOptionalAction, recipe=True,
+                   help="unlabeled set = the complement of the labeled set (as the reference's index files), "
+                        "rather than every image (the FixMatch convention)")
+    g.add_argument("--zero_shot", action=argparse.BooleanOptionalAction, default=False,
                    help="zero-shot setting: --trainindex_x is a CLIP pseudo-label CSV (Index, PseudoLabel) whose "
                         "labels replace the folder's; --trainindex_u carries CLIP's PseudoLabel and Probs")
-    p.add_argument("--use_clip", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--use_clip", action=argparse.BooleanOptionalAction, default=False,
                    help="SSL with CLIP: train on CLIP's top-1 where all the model's pseudo-labels are below threshold")
-    p.add_argument("--clip_predictions", default=None,
+    g.add_argument("--clip_predictions", default=None,
                    help="CLIP predictions for --use_clip: a dict with probs_list/preds_list [N_u, k] (default: "
                         "ROOT/indexes/<trainindex_u stem>_clip_predictions_ranked.pth.tar)")
-    p.add_argument("--clip_threshold", type=float, default=None,
-                   help="CLIP confidence needed to use its label (default: 0.4 with --use_clip, 0.3 with --zero_shot)")
-    p.add_argument("--image_size", type=int, default=None, help="crop size (default: 224; 32 for CIFAR/SVHN/digits)")
-    p.add_argument("--workers", "-j", type=int, default=8, help="data-loading processes per rank (DALI threads with --dali)")
-    p.add_argument("--dali", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode and augment the training views with NVIDIA DALI (on the GPU when there is one)")
+    g.add_argument("--clip_threshold", type=float, default=None,
+                   help="CLIP confidence needed to use its label (default: 0.3 with --zero_shot, else 0.4: it follows "
+                        "--zero_shot, not the recipe)")
+    g.add_argument("--image_size", type=int, recipe=True, help="crop size")
+    g.add_argument("--workers", "-j", shared=True, default=8, help="DALI threads with --dali")
+    g.add_argument("--dali", shared=True,
+                   help="ImageNet-style folders only; one difference: the strong view's RandAugment is DALI's, which "
+                        "cannot express the reference's (docs/debiaspl.md)")
 
-    # model
-    p.add_argument("--backbone", "--arch", dest="backbone", default=None,
-                   help=f"network: {', '.join(backbones.NAMES)}; the reference's resnet50_encoder etc. are accepted "
-                        "(default: resnet50, wrn28_2 for CIFAR/SVHN/digits)")
-    p.add_argument("--pretrained", "--self_pretrained", dest="pretrained", nargs="?", const=True, default=None,
-                   help="initialise the backbone of student and teacher: no value = torchvision weights, a path = a "
-                        "checkpoint (MoCo / MoCo-EMAN encoder_q, torchvision, plain state dict; a matching fc "
-                        "loads too)")
-    p.add_argument("--cls", type=int, default=None, help="number of classes; checked against the dataset")
-    p.add_argument("--dropout", type=float, default=None,
-                   help="dropout on the pooled feature of the student (default: 0.45 as the reference's ResNet; "
-                        "0 for CIFAR/SVHN/digits, as FixMatch's WRN)")
-    p.add_argument("--eman", action=argparse.BooleanOptionalAction, default=False,
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", "--arch", shared=True, recipe=True,
+                   help=f"{', '.join(backbones.NAMES)}; the reference's resnet50_encoder etc. are accepted")
+    g.add_argument("--pretrained", "--self_pretrained", shared=True, default=None,
+                   help="student and teacher both start from it; a classifier with this class count loads too")
+    g.add_argument("--cls", type=int, default=None, help="number of classes; checked against the dataset")
+    g.add_argument("--dropout", type=float, recipe=True, help="dropout on the pooled feature of the student")
+    g.add_argument("--eman", action=argparse.BooleanOptionalAction, default=False,
                    help="pseudo-label with an EMAN teacher (EMA of weights and BN statistics, eval mode)")
-    p.add_argument("--ema_m", type=float, default=0.999, help="EMAN momentum")
+    g.add_argument("--ema_m", type=float, default=0.999, help="EMAN momentum")
 
-    # optimisation
-    p.add_argument("--epochs", type=int, default=200, help="epochs (one epoch = one pass over the unlabeled set)")
-    p.add_argument("--epoch_iters", type=int, default=None,
-                   help="iterations per epoch (default: one pass over the unlabeled set; FixMatch CIFAR uses 1024)")
-    p.add_argument("--max_iter", type=int, default=None, help="stop after this many iterations (schedule unchanged)")
-    p.add_argument("--batch_size", "-b", type=int, default=64, help="labeled images per iteration, over all ranks")
-    p.add_argument("--mu", type=int, default=5, help="unlabeled images per labeled image")
-    p.add_argument("--lr", "--learning_rate", type=float, default=0.1, help="base learning rate")
-    p.add_argument("--lr_schedule", default=None, choices=["step", "cos", "fixmatch_cos"],
-                   help="step: x0.1 at --schedule epochs; cos: cosine per epoch after warmup (the reference's --cos); "
-                        "fixmatch_cos: lr cos(7 pi k / 16 K) per iteration (default: cos with --cos, else fixmatch_cos "
-                        "for CIFAR/SVHN/digits, else step)")
-    p.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False,
-                   help="the reference's switch for --lr_schedule cos")
-    p.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="epochs of the x0.1 steps")
-    p.add_argument("--warmup_epoch", type=int, default=0, help="epochs of linear per-iteration warmup")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight_decay", "--wd", dest="weight_decay", type=float, default=None,
-                   help="weight decay on every parameter, as the reference (default: 1e-4; 5e-4 for "
-                        "CIFAR/SVHN/digits, as FixMatch)")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help="Nesterov momentum (default: off; on for CIFAR/SVHN/digits, as FixMatch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentations")
-
-    # DebiasPL / FixMatch
-    # The reference's 10 / 0.7 / 1.0 assume a student initialised from MoCo-EMAN weights. A student trained from
-    # scratch at 32 px pseudo-labels its own noise past 0.7 within a few iterations, and weight 10 on those labels
-    # blows the logits up (labeled CE 2.3 -> 30+). Small datasets therefore default to FixMatch's CIFAR values.
-    p.add_argument("--lambda_u", type=float, default=None,
-                   help="weight of the unlabeled loss (default: 10; 1 for CIFAR/SVHN/digits, as FixMatch)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="confidence threshold on the debiased probability (default: 0.7; 0.95 for "
-                        "CIFAR/SVHN/digits, as FixMatch)")
-    p.add_argument("--tau", type=float, default=None,
-                   help="debiasing strength, 0 = plain FixMatch (default: 1.0; 0.4 for CIFAR/SVHN/digits, the "
-                        "paper's CIFAR setting)")
-    p.add_argument("--qhat_m", type=float, default=0.999, help="momentum of the class-marginal estimate q")
-    p.add_argument("--multiviews", action=argparse.BooleanOptionalAction, default=False,
+    g = p.add_argument_group("method: DebiasPL / FixMatch")
+    g.add_argument("--mu", type=int, default=5, help="unlabeled images per labeled image")
+    g.add_argument("--lambda_u", type=float, recipe=True, help="weight of the unlabeled loss")
+    g.add_argument("--threshold", type=float, recipe=True, help="confidence threshold on the debiased probability")
+    g.add_argument("--tau", type=float, recipe=True, help="debiasing strength, 0 = plain FixMatch")
+    g.add_argument("--qhat_m", type=float, default=0.999, help="momentum of the class-marginal estimate q")
+    g.add_argument("--multiviews", action=argparse.BooleanOptionalAction, default=False,
                    help="two weak and two strong views of every unlabeled image")
-    p.add_argument("--CLDLoss", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--CLDLoss", action=argparse.BooleanOptionalAction, default=False,
                    help="add the CLD instance-group loss in probability space")
-    p.add_argument("--lambda_cld", type=float, default=0.3, help="weight of the CLD loss")
-    p.add_argument("--cld_groups", default="argmin", choices=["argmin", "argmax"],
+    g.add_argument("--lambda_cld", type=float, default=0.3, help="weight of the CLD loss")
+    g.add_argument("--cld_groups", default="argmin", choices=["argmin", "argmax"],
                    help="group of a sample: the reference's argmin of the teacher's probabilities, or the argmax "
                         "(its pseudo-class)")
-    p.add_argument("--cld_temperature", type=float, default=0.07, help="CLD temperature")
+    g.add_argument("--cld_temperature", type=float, default=0.07, help="CLD temperature")
 
-    # evaluation and logging
-    p.add_argument("--eval_freq", type=int, default=1, help="evaluate every this many epochs")
-    p.add_argument("--eval_interval", type=int, default=None, help="evaluate every this many iterations instead")
-    p.add_argument("--eval_batch_size", type=int, default=128, help="evaluation batch per rank")
-    p.add_argument("--print_freq", type=int, default=100, help="write train/* scalars every this many iterations")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", shared=True, default=200,
+                   help="one epoch = one pass over the unlabeled set, or --epoch_iters iterations; with --max_iter, "
+                        "the schedule's length in epochs")
+    g.add_argument("--epoch_iters", type=int, default=None,
+                   help="iterations per epoch (default: one pass over the unlabeled set; FixMatch CIFAR uses 1024)")
+    g.add_argument("--max_iter", shared=True, default=None,
+                   help="overrides --epochs x iterations per epoch; the epoch-based schedule (--schedule, "
+                        "--warmup_epoch, cos) is stretched to it: an epoch of the schedule = max_iter / epochs "
+                        "iterations (default: --epochs x iterations per epoch)")
+    g.add_argument("--stop_after", shared=True, default=None)
+    g.add_argument("--batch_size", "-b", shared=True, default=64,
+                   help="the labeled images (the unlabeled batch is --mu times this)")
+    g.add_argument("--lr", "--learning_rate", shared=True, default=0.1, help="the base of --lr_schedule")
+    g.add_argument("--lr_schedule", choices=["step", "cos", "fixmatch_cos"], recipe=True,
+                   help="step: x0.1 at --schedule epochs; cos: cosine per epoch after warmup (the reference's --cos, "
+                        "which sets it when it is not given); fixmatch_cos: lr cos(7 pi k / 16 K) per iteration")
+    g.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False,
+                   help="the reference's switch for --lr_schedule cos")
+    g.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="epochs of the x0.1 steps")
+    g.add_argument("--warmup_epoch", type=int, default=0, help="epochs of linear per-iteration warmup")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", "--wd", shared=True, recipe=True, help="on every parameter, as the reference")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, recipe=True, help="Nesterov momentum")
+    g.add_argument("--seed", shared=True, default=0, help="it seeds the split, the initialisation and the augmentations")
+
+    g = p.add_argument_group("run: evaluation and logging")
+    g.add_argument("--eval_interval", shared=True, default=None,
+                   help="default: one epoch (--epoch_iters, or one pass over the unlabeled set)")
+    g.add_argument("--eval_freq", type=int, default=None, metavar="E",
+                   help="the reference's spelling, in epochs: --eval_interval E x iterations per epoch")
+    g.add_argument("--eval_batch_size", type=int, default=128, help="evaluation batch per rank")
+    g.add_argument("--print_freq", type=int, default=100, help="write train/* scalars every this many iterations")
     runlib.add_standard_flags(p)
     args = p.parse_args(argv)
     if args.backbone is not None and args.backbone.endswith("_encoder"):
@@ -312,8 +322,10 @@ def _reflect(k, n):
 
 class PadCrop:
     """T.RandomCrop(size, padding, padding_mode="reflect") on a PIL image, with the same torch draws and the same
-    pixels, as one numpy gather: torchvision pads the whole image with np.pad between two PIL conversions, 2-3x the
-    time, about a third of the data time of an iteration at 32 px."""
+    pixels, as one numpy gather (torchvision pads the whole image with np.pad between two PIL conversions). What a
+    loader worker pays per unlabeled 32-px CIFAR image (array -> PIL, weak view, strong view): 306 CPU us with this
+    crop, 415 with T.RandomCrop (26% less; 2223 vs 1648 images/s, +35%), medians of 6 interleaved rounds of 1000
+    images on one thread: `python benchmarks/randaugment_throughput.py --pad_crop 1000 --rounds 6`."""
 
     def __init__(self, size, padding):
         self.size, self.padding = int(size), int(padding)
@@ -522,11 +534,12 @@ def compute_losses(z_x, y_x, z_w_views, z_s_views, qhat, args, clip_target=None,
     return loss, parts, qhat, targets[0], masks[0]
 
 
-def train_step(model, optimizer, scaler, x, y, u_views, qhat, args, device, clip_target=None, clip_mask=None,
+def train_step(net, optimizer, scaler, x, y, u_views, qhat, args, device, clip_target=None, clip_mask=None,
                forward=None):
-    """One iteration: forward student (+ teacher), DebiasPL loss, SGD step, EMAN update. Returns (loss, parts, q_t,
-    pseudo-labels, mask)."""
-    forward = model if forward is None else forward
+    """One iteration: forward student (+ teacher), DebiasPL loss, SGD step, EMAN update of `net` (the FixMatch
+    module; `forward` = its DDP / compiled wrapper, default `net` itself). Returns (loss, parts, q_t, pseudo-labels,
+    mask)."""
+    forward = net if forward is None else forward
     nw = 2 if args.multiviews else 1
     u_w, u_s = torch.cat(u_views[:nw]), torch.cat(u_views[nw:])
     with runlib.autocast(device, args.amp):
@@ -538,15 +551,17 @@ def train_step(model, optimizer, scaler, x, y, u_views, qhat, args, device, clip
     scaler.step(optimizer)
     scaler.update()
     if args.eman:
-        distributed.unwrap(model).update_ema(args.ema_m)
+        distributed.unwrap(net).update_ema(args.ema_m)
     return loss.detach(), parts, qhat, target, mask
 
 
-def learning_rate(step, iters_per_epoch, total, args):
-    """Warmup linear per iteration (step counted from 1), then the chosen schedule: the reference's cosine or step
-    decay are constant within an epoch; FixMatch's cos(7 pi k / 16 K) changes every iteration."""
-    epoch = step // iters_per_epoch
-    warmup = args.warmup_epoch * iters_per_epoch
+def learning_rate(step, total, args):
+    """Learning rate of iteration `step` of a `total`-iteration run whose schedule is laid out over --epochs epochs of
+    total / epochs iterations each (with --max_iter not an epoch of data: the schedule is stretched to the run). Warmup
+    linear per iteration (step counted from 1), then the chosen schedule: the reference's cosine or step decay are
+    constant within an epoch; FixMatch's cos(7 pi k / 16 K) changes every iteration."""
+    epoch = step * args.epochs // total  # = step // iterations-per-epoch, in integers
+    warmup = args.warmup_epoch * total / args.epochs
     if step < warmup:
         return args.lr * min(1.0, (step + 1) / warmup)
     if args.lr_schedule == "cos":
@@ -679,27 +694,36 @@ def load_clip_predictions(args, path_arg, num_u, num_classes):
 
 
 # ------------------------------------------------------------------------------------------------------- main
-# flag -> (default for ImageNet-style folders = the reference's, default for CIFAR/SVHN/digits = FixMatch's CIFAR)
-METHOD_DEFAULTS = {"lambda_u": (10.0, 1.0), "threshold": (0.7, 0.95), "tau": (1.0, 0.4), "weight_decay": (1e-4, 5e-4),
-                   "nesterov": (False, True)}
-
-
 def resolve_defaults(args):
-    """Fill the flags left at None with the defaults of the dataset family (args.dataset must be set): the
-    reference's for ImageNet-style folders, FixMatch's for the 32-px datasets. Returns True for the latter."""
-    small = args.dataset not in IMAGENET_LIKE
-    args.image_size = args.image_size or (32 if small else 224)
-    args.backbone = args.backbone or ("wrn28_2" if small else "resnet50")
-    args.dropout = (0.0 if small else 0.45) if args.dropout is None else args.dropout
-    args.lr_schedule = args.lr_schedule or ("cos" if args.cos else "fixmatch_cos" if small else "step")
-    for name, (large_value, small_value) in METHOD_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, small_value if small else large_value)
-    if args.exclude_labeled is None:
-        args.exclude_labeled = not small
+    """Apply the recipe (--recipe, else the one --dataset implies; args.dataset must be set) to the flags not given,
+    and the defaults that follow other flags: --cos sets --lr_schedule cos, --zero_shot lowers --clip_threshold."""
+    if args.cos and args.lr_schedule is None:
+        args.lr_schedule = "cos"
+    runlib.apply_recipe(args, RECIPES, args.recipe or recipe_of(args.dataset))
     if args.clip_threshold is None:
         args.clip_threshold = 0.3 if args.zero_shot else 0.4
-    return small
+    return args
+
+
+def run_length(args, num_unlabeled):
+    """(iterations per epoch, iterations of the run, iteration to stop at). An epoch is one pass over the unlabeled
+    set or --epoch_iters; the run is --epochs of them unless --max_iter says otherwise; --stop_after cuts it short.
+    Fills --eval_interval (its epoch spelling --eval_freq converts here; default: one epoch)."""
+    for flag in ("max_iter", "stop_after", "epochs", "epoch_iters", "eval_interval", "eval_freq"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: must be at least 1")
+    iters_per_epoch = args.epoch_iters or max(1, num_unlabeled // (args.mu * args.batch_size))
+    total = args.max_iter if args.max_iter is not None else args.epochs * iters_per_epoch
+    stop = min(total, args.stop_after) if args.stop_after is not None else total
+    if args.eval_freq is not None:
+        if args.eval_interval is not None:
+            raise UserError(f"--eval_freq {args.eval_freq} (epochs) and --eval_interval {args.eval_interval} "
+                            "(iterations) say the same thing: pass one")
+        args.eval_interval = args.eval_freq * iters_per_epoch
+    elif args.eval_interval is None:
+        args.eval_interval = iters_per_epoch
+    return iters_per_epoch, total, stop
 
 
 def main(argv=None):
@@ -713,10 +737,10 @@ def main(argv=None):
         if args.root is None:
             raise UserError("pass --root DATASET_FOLDER (and --dataset if its name does not say which)")
         args.dataset = datasets.infer_name(args.root)
-    small = resolve_defaults(args)
+    resolve_defaults(args)
     if args.use_clip and args.zero_shot:
         raise UserError("--zero_shot already trains on CLIP's labels from --trainindex_u; drop --use_clip")
-    if args.dali and small:
+    if args.dali and args.dataset not in IMAGENET_LIKE:
         raise UserError(f"--dali reads ImageNet-style image folders; {args.dataset} is loaded from arrays: drop --dali")
     world = dist.world_size
     if args.batch_size % world:
@@ -730,6 +754,7 @@ def main(argv=None):
     x_idx, x_labels, u_idx, clip = build_splits(args, train, num_classes)
     if args.use_clip:
         clip = load_clip_predictions(args, args.clip_predictions, len(u_idx), num_classes)
+    iters_per_epoch, total, stop = run_length(args, len(u_idx))
     lab_weak, weak, strong, val_tf = make_transforms(args.dataset, args.image_size)
     u_tfs = [weak, weak, strong, strong] if args.multiviews else [weak, strong]
     x_set = train.subset(x_idx, transform=lab_weak, targets=None if x_labels is None else x_labels)
@@ -748,6 +773,11 @@ def main(argv=None):
                      kept=("momentum", "weight_decay", "nesterov"))
 
     if args.dali:
+        # The same views as make_transforms' ImageNet-style path: DALI's "train" view is RandomResizedCrop to
+        # --image_size with torchvision's scale (0.08, 1) and ratio (3/4, 4/3), linear antialiased resize, and a
+        # horizontal flip. Its "strong" view adds DALI's RandAugment (n=2, magnitude bin 10 of 31, 14 ops), which
+        # cannot express the reference's (16-op pool, random magnitude 1..9 of 10, always applied): the one
+        # difference, documented in docs/debiaspl.md. Evaluation reads the test set through torchvision either way.
         from common import dali
         dev = "cuda" if device.type == "cuda" else "cpu"
         u_views = ("train", "train", "strong", "strong") if args.multiviews else ("train", "strong")
@@ -764,13 +794,13 @@ def main(argv=None):
     test_loader = loaders.eval_loader(test, args.eval_batch_size, args.workers, dist.rank, world)
 
     # model --------------------------------------------------------------------------------------------------
-    model = build_model(args, num_classes).to(device)
+    net = build_model(args, num_classes).to(device)  # student and teacher: what is checkpointed and evaluated
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = distributed.wrap(model, dist)  # DDP broadcasts rank 0's student AND teacher, weights and buffers
+        net = net.to(memory_format=torch.channels_last)
+    model = distributed.wrap(net, dist)  # DDP broadcasts rank 0's student AND teacher, weights and buffers
     # On CPU PyTorch's default SGD loops over the tensors in Python (60-90 ms per step for a ResNet-18, 10-15% of a
     # 32-px iteration); the fused kernel gives the same numbers in 12-15 ms. CUDA keeps its default (foreach).
-    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+    optimizer = torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 nesterov=args.nesterov, fused=True if device.type == "cpu" else None)
     scaler = runlib.grad_scaler(device, args.amp)
     forward = torch.compile(model) if args.compile else model
@@ -778,10 +808,6 @@ def main(argv=None):
     if clip is not None:
         clip = (clip[0].to(device), clip[1].to(device))
 
-    iters_per_epoch = args.epoch_iters or max(1, len(u_idx) // (args.mu * args.batch_size))
-    total = args.epochs * iters_per_epoch
-    last = min(total, args.max_iter) if args.max_iter is not None else total
-    eval_every = args.eval_interval or args.eval_freq * iters_per_epoch
     start, best = 0, -1.0
     state = run.resume_state
     if state is not None:
@@ -793,7 +819,7 @@ def main(argv=None):
             raise UserError(f"{run.dir}/checkpoint.pt has {state['num_classes']} classes, {args.root} has "
                             f"{num_classes}: resume with the same dataset, or pass another --run_name")
         try:
-            distributed.unwrap(model).load_state_dict(state["model"])
+            net.load_state_dict(state["model"])
         except RuntimeError as e:
             raise UserError(f"{run.dir}/checkpoint.pt does not fit this model (--backbone {args.backbone}, --eman "
                             f"{args.eman}): {str(e).splitlines()[0][:200]}") from None
@@ -809,7 +835,7 @@ def main(argv=None):
     run.save_split(x_idx, x_set.ids)
 
     def save(step):
-        run.save_checkpoint({"model": distributed.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        run.save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "qhat": qhat.cpu(), "step": step, "best_top1": best,
                              "rng": runlib.rng_states(), "x_index": torch.from_numpy(x_idx),
                              "u_index": torch.from_numpy(u_idx), "x_stream": x_stream.state_dict(),
@@ -819,7 +845,6 @@ def main(argv=None):
         # The reference evaluates the student; the EMAN teacher is reported next to it. The RNG state is put back so
         # that evaluating does not change the training randomness (resume equality).
         rng = runlib.rng_state()
-        net = distributed.unwrap(model)
         net.eval()
         with runlib.autocast(device, args.amp):
             top1, top5 = runlib.evaluate(net.main, test_loader, device)
@@ -829,11 +854,11 @@ def main(argv=None):
         return top1, top5, teacher
 
     # training -----------------------------------------------------------------------------------------------
-    model.train()
+    net.train()
     x_iter, u_iter = iter(x_stream), iter(u_stream)
     teacher_top1 = run.evals[-1].get("teacher_top1") if run.evals else None
     sums, n_sums = {}, 0
-    for step in range(start, last):
+    for step in range(start, stop):
         t0 = time.time()
         x, y, _ = next(x_iter)
         u_views, u_y, u_i = next(u_iter)
@@ -847,10 +872,10 @@ def main(argv=None):
             rows = u_i.to(device)
             clip_target, clip_mask = clip[0][rows], clip[1][rows].ge(args.clip_threshold).float()
         data_s = time.time() - t0
-        lr = learning_rate(step, iters_per_epoch, total, args)
+        lr = learning_rate(step, total, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, parts, qhat, target, mask = train_step(model, optimizer, scaler, x, y, u_views, qhat, args, device,
+        loss, parts, qhat, target, mask = train_step(net, optimizer, scaler, x, y, u_views, qhat, args, device,
                                                      clip_target, clip_mask, forward)
         runlib.check_finite(loss, step + 1, run)
 
@@ -861,14 +886,14 @@ def main(argv=None):
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         n_sums += 1
-        if (step + 1) % args.print_freq == 0 or step + 1 == last:
+        if (step + 1) % args.print_freq == 0 or step + 1 == stop:
             avg = {k: float(v) / n_sums for k, v in sums.items()}
             run.log(step + 1, {**{f"train/{k}": v for k, v in avg.items() if k != "data_s"}, "train/lr": lr,
                                "train/qhat_max": float(qhat.max()), "train/qhat_min": float(qhat.min()),
                                "time/data_s": avg["data_s"]})
             sums, n_sums = {}, 0
-        run.progress(step + 1, last, loss=float(loss), mask=float(mask.mean()), lr=lr)
-        if (step + 1) % eval_every == 0 or step + 1 == last:
+        run.progress(step + 1, total, loss=float(loss), mask=float(mask.mean()), lr=lr)
+        if (step + 1) % args.eval_interval == 0 or step + 1 == stop:
             top1, top5, teacher = evaluate()
             best = max(best, top1)
             extra_eval = {}
@@ -878,10 +903,17 @@ def main(argv=None):
                 run.log(step + 1, {"test/teacher_top1": teacher[0], "test/teacher_top5": teacher[1]})
             run.log_eval(step + 1, top1, top5, epoch=(step + 1) / iters_per_epoch, **extra_eval)
             save(step + 1)
-    if start >= last and dist.is_main:
-        print(f"[{run.name}] the checkpoint is already at iteration {start} of {last}: nothing to train", flush=True)
+    if start >= stop and dist.is_main:
+        print(f"[{run.name}] the checkpoint is already at iteration {start} of {total}: nothing to train", flush=True)
+    if stop < total:  # --stop_after: the checkpoint of iteration `stop` is written; no summary.json yet
+        if dist.is_main:
+            print(f"[{run.name}] stopped after iteration {max(start, stop)} of {total} (--stop_after); continue with "
+                  "--resume auto", flush=True)
+        if run.writer is not None:
+            run.writer.close()
+        return
     q = qhat.clamp_min(1e-30)
-    run.finish(iters=max(start, last), labeled=len(x_idx), unlabeled=len(u_idx), teacher_final_top1=teacher_top1,
+    run.finish(iters=max(start, total), labeled=len(x_idx), unlabeled=len(u_idx), teacher_final_top1=teacher_top1,
                qhat_entropy=float(-(q * q.log()).sum()), qhat_max_over_min=float(q.max() / q.min()))
 
 

@@ -9,9 +9,18 @@ same view is decoded and augmented by DALI (DALI's own RandAugment, n=2 m=10). B
 size and re-encoded (benchmarks/loader_throughput.py prepares them); the two loaders are measured in alternation,
 each built afresh, warmed up, timed for --seconds and torn down. Prints images/s and CPU ms per image of each, and
 the ratio DALI / hand-written. On a GPU machine DALI would run on the GPU; this benchmark measures the CPU pipelines.
+
+    python benchmarks/randaugment_throughput.py --pad_crop 1000 --rounds 6
+
+--pad_crop N measures instead what a DataLoader worker pays per unlabeled CIFAR image in debiaspl.py (no DALI): the
+32-px array -> PIL image, the weak view and the strong view (RandAugmentMC + Cutout), with debiaspl's PadCrop and
+with T.RandomCrop(32, padding=4, padding_mode="reflect") in its place; same process, one thread, N images per
+measurement, the two alternating for --rounds rounds.
 """
+import io
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
 
 import debiaspl  # noqa: E402
 from common import UserError, dali  # noqa: E402
@@ -31,7 +43,54 @@ from loader_throughput import Files, image_benchmark_parser, measure, prepare_im
 def parse_args():
     p = image_benchmark_parser(__doc__, warmup=3, seconds=8.0)
     p.add_argument("--rounds", type=int, default=2, help="measurements per loader (default: 2)")
+    p.add_argument("--pad_crop", type=int, default=None, metavar="N",
+                   help="instead: debiaspl's 32-px weak + strong transform with PadCrop vs T.RandomCrop, N images per "
+                        "measurement (the first --images train images of --data, cycled)")
     return p.parse_args()
+
+
+def cifar_arrays(archive, count):
+    """The first `count` train JPEGs of the CIFAR-10 archive as 32x32x3 uint8 arrays (what debiaspl's CIFAR set holds)."""
+    if not Path(archive).is_file():
+        raise UserError(f"{archive} not found: pass --data PATH/cifar10-jpeg.tar.gz")
+    out = []
+    with tarfile.open(archive) as tar:
+        for m in tar:
+            if m.isfile() and "train/" in m.name and m.name.lower().endswith(".jpg"):
+                out.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
+                if len(out) == count:
+                    break
+    return out
+
+
+def pad_crop_comparison(args):
+    """Images/s and CPU us per image of the unlabeled item's transforms, PadCrop vs T.RandomCrop, interleaved."""
+    arrays = cifar_arrays(args.data, args.images)
+    _, weak, strong, _ = debiaspl.make_transforms("cifar10", 32)
+
+    def swapped(compose):  # the same pipeline with torchvision's reflect crop in PadCrop's place
+        return T.Compose([T.RandomCrop(op.size, padding=op.padding, padding_mode="reflect")
+                          if isinstance(op, debiaspl.PadCrop) else op for op in compose.transforms])
+    variants = {"PadCrop": (weak, strong), "T.RandomCrop": (swapped(weak), swapped(strong))}
+    print(f"{len(arrays)} CIFAR-10 images; weak + strong view per image, {args.pad_crop} images per measurement, "
+          f"{args.rounds} rounds, 1 thread")
+    rates, cpus = {k: [] for k in variants}, {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, (w, s) in variants.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(args.pad_crop):
+                img = Image.fromarray(arrays[i % len(arrays)])
+                w(img), s(img)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rates[name].append(args.pad_crop / wall)
+            cpus[name].append(1e6 * cpu / args.pad_crop)
+            print(f"  round {r + 1} {name:12s} {rates[name][-1]:7.0f} img/s  {cpus[name][-1]:6.0f} CPU us/img",
+                  flush=True)
+    p, t = (statistics.median(rates[k]) for k in variants)
+    cp, ct = (statistics.median(cpus[k]) for k in variants)
+    print(f"weak + strong 32-px transform: PadCrop {p:.0f} img/s, T.RandomCrop {t:.0f} img/s: PadCrop "
+          f"{100 * (p / t - 1):+.1f}% | CPU us/img PadCrop {cp:.0f}, T.RandomCrop {ct:.0f}: {100 * (1 - cp / ct):.1f}% "
+          "less with PadCrop")
 
 
 def handwritten_batches(files, view, args):
@@ -51,9 +110,11 @@ def dali_batches(files, view, args):
 
 def main():
     args = parse_args()
+    torch.set_num_threads(1)
+    if args.pad_crop is not None:
+        return pad_crop_comparison(args)
     if not dali.available():
         raise UserError(dali.INSTALL_HINT)
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         files = prepare_images(args.data, args.images, args.width, args.height, Path(tmp))

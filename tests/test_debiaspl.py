@@ -359,36 +359,88 @@ def test_no_horizontal_flip_on_digits_and_svhn():
 
 def test_learning_rate_schedules():
     a = argparse.Namespace(lr=1.0, epochs=10, warmup_epoch=2, lr_schedule="cos", schedule=[5, 8])
-    # 5 iterations per epoch: warmup linear per iteration over 10 iterations, counted from 1
-    assert debiaspl.learning_rate(0, 5, 50, a) == pytest.approx(0.1)
-    assert debiaspl.learning_rate(9, 5, 50, a) == pytest.approx(1.0)
+    # 50 iterations over 10 epochs, 5 per epoch: warmup linear per iteration over 10 iterations, counted from 1
+    assert debiaspl.learning_rate(0, 50, a) == pytest.approx(0.1)
+    assert debiaspl.learning_rate(9, 50, a) == pytest.approx(1.0)
     # cosine per epoch after warmup: constant within an epoch, never 0
-    assert debiaspl.learning_rate(10, 5, 50, a) == debiaspl.learning_rate(14, 5, 50, a) == pytest.approx(1.0)
-    assert debiaspl.learning_rate(15, 5, 50, a) == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)))
-    assert debiaspl.learning_rate(49, 5, 50, a) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert debiaspl.learning_rate(10, 50, a) == debiaspl.learning_rate(14, 50, a) == pytest.approx(1.0)
+    assert debiaspl.learning_rate(15, 50, a) == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)))
+    assert debiaspl.learning_rate(49, 50, a) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     a.lr_schedule = "step"
-    assert [debiaspl.learning_rate(s, 5, 50, a) for s in (24, 25, 40)] == pytest.approx([1.0, 0.1, 0.01])
+    assert [debiaspl.learning_rate(s, 50, a) for s in (24, 25, 40)] == pytest.approx([1.0, 0.1, 0.01])
     a.lr_schedule, a.warmup_epoch = "fixmatch_cos", 0
-    assert debiaspl.learning_rate(25, 5, 50, a) == pytest.approx(math.cos(7 * math.pi * 25 / (16 * 50)))
+    assert debiaspl.learning_rate(25, 50, a) == pytest.approx(math.cos(7 * math.pi * 25 / (16 * 50)))
+
+
+def test_max_iter_stretches_the_epoch_schedule():
+    # --epochs 10 --max_iter 100: an epoch of the schedule is 10 iterations, whatever one pass over the data is.
+    # Every schedule at iteration 2k of 100 is the one at iteration k of 50 (5 per epoch), warmup included.
+    # (The warmup ramp reaches k + 1 of 10 at iteration k, i.e. 2k + 2 of 20 at iteration 2k + 1.)
+    a = argparse.Namespace(lr=1.0, epochs=10, warmup_epoch=2, lr_schedule="step", schedule=[5, 8])
+    for name in ("step", "cos", "fixmatch_cos"):
+        a.lr_schedule = name
+        for k in range(50):
+            stretched = debiaspl.learning_rate(2 * k + (1 if k < 10 else 0), 100, a)
+            assert stretched == pytest.approx(debiaspl.learning_rate(k, 50, a)), (name, k)
+    a.lr_schedule = "step"
+    assert [debiaspl.learning_rate(s, 100, a) for s in (49, 50, 79, 80)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+    assert [debiaspl.learning_rate(s, 100, a) for s in (18, 19, 20)] == pytest.approx([0.95, 1.0, 1.0])  # warmup 20
+    # an epoch of the schedule need not be a whole number of iterations: 7 iterations over 2 epochs
+    a.schedule, a.epochs, a.warmup_epoch = [1], 2, 0
+    assert [debiaspl.learning_rate(s, 7, a) for s in range(7)] == pytest.approx([1.0] * 4 + [0.1] * 3)
+    # run_length: --max_iter overrides --epochs x iterations per epoch, the epoch stays the data's for evaluations
+    args = debiaspl.parse_args(["--dataset", "cifar10", "--epochs", "10", "--max_iter", "100", "--batch_size", "4",
+                                "--mu", "2"])
+    assert debiaspl.run_length(args, 40) == (5, 100, 100) and args.eval_interval == 5
+    args = debiaspl.parse_args(["--dataset", "cifar10", "--epochs", "10", "--batch_size", "4", "--mu", "2"])
+    assert debiaspl.run_length(args, 40) == (5, 50, 50)
+
+
+def test_stop_after_and_the_epoch_spelling_of_eval_interval():
+    args = debiaspl.parse_args(["--dataset", "cifar10", "--epochs", "10", "--epoch_iters", "3", "--stop_after", "7",
+                                "--eval_freq", "2"])
+    assert debiaspl.run_length(args, 1000) == (3, 30, 7)  # the schedule's length stays 30: stop at 7
+    assert args.eval_interval == 6  # --eval_freq 2 (epochs) = 2 x 3 iterations
+    assert debiaspl.run_length(debiaspl.parse_args(["--stop_after", "99", "--max_iter", "20"]), 10)[1:] == (20, 20)
+    with pytest.raises(UserError, match="--eval_freq 2 .* and --eval_interval 5 .* pass one"):
+        debiaspl.run_length(debiaspl.parse_args(["--eval_freq", "2", "--eval_interval", "5"]), 100)
+    with pytest.raises(UserError, match="--stop_after 0: must be at least 1"):
+        debiaspl.run_length(debiaspl.parse_args(["--stop_after", "0"]), 100)
 
 
 def test_defaults_per_dataset_family():
     # ImageNet-style folders: the reference's argparse defaults
-    a = debiaspl.parse_args(["--dataset", "imagefolder"])
-    assert debiaspl.resolve_defaults(a) is False
-    assert (a.lambda_u, a.threshold, a.tau, a.weight_decay, a.nesterov, a.backbone, a.dropout, a.lr_schedule) == \
-        (10.0, 0.7, 1.0, 1e-4, False, "resnet50", 0.45, "step")
-    # CIFAR/SVHN/digits, trained from scratch: FixMatch's CIFAR values
-    for name in ("cifar10", "svhn", "digits"):
-        a = debiaspl.parse_args(["--dataset", name])
-        assert debiaspl.resolve_defaults(a) is True
-        assert (a.lambda_u, a.threshold, a.tau, a.weight_decay, a.nesterov, a.backbone, a.dropout, a.lr_schedule) == \
-            (1.0, 0.95, 0.4, 5e-4, True, "wrn28_2", 0.0, "fixmatch_cos"), name
+    for name in ("imagefolder", "imagenet"):
+        a = debiaspl.resolve_defaults(debiaspl.parse_args(["--dataset", name]))
+        assert a.recipe == "imagenet"
+        assert (a.lambda_u, a.threshold, a.tau, a.weight_decay, a.nesterov, a.backbone, a.dropout, a.lr_schedule,
+                a.image_size, a.exclude_labeled, a.clip_threshold) == \
+            (10.0, 0.7, 1.0, 1e-4, False, "resnet50", 0.45, "step", 224, True, 0.4)
+    # CIFAR/SVHN/digits (and every other dataset), trained from scratch: FixMatch's CIFAR values
+    for name in ("cifar10", "svhn", "digits", "cub200"):
+        a = debiaspl.resolve_defaults(debiaspl.parse_args(["--dataset", name]))
+        assert a.recipe == "cifar"
+        assert (a.lambda_u, a.threshold, a.tau, a.weight_decay, a.nesterov, a.backbone, a.dropout, a.lr_schedule,
+                a.image_size, a.exclude_labeled) == \
+            (1.0, 0.95, 0.4, 5e-4, True, "wrn28_2", 0.0, "fixmatch_cos", 32, False), name
     # a flag on the command line always wins
     a = debiaspl.parse_args(["--dataset", "digits", "--lambda_u", "10", "--threshold", "0.7", "--tau", "0",
                              "--wd", "0", "--no-nesterov"])
     debiaspl.resolve_defaults(a)
     assert (a.lambda_u, a.threshold, a.tau, a.weight_decay, a.nesterov) == (10.0, 0.7, 0.0, 0.0, False)
+    # the recipe named explicitly beats the one the dataset implies; an explicit flag still beats the recipe
+    a = debiaspl.resolve_defaults(debiaspl.parse_args(["--dataset", "cifar10", "--recipe", "imagenet", "--tau", "0.2",
+                                                       "--no-exclude_labeled"]))
+    assert (a.recipe, a.backbone, a.image_size, a.lambda_u, a.tau, a.exclude_labeled) == \
+        ("imagenet", "resnet50", 224, 10.0, 0.2, False)
+    # defaults that follow other flags, not the dataset: --cos sets the schedule unless it is given, --zero_shot
+    # lowers the CLIP threshold
+    a = debiaspl.resolve_defaults(debiaspl.parse_args(["--dataset", "cifar10", "--cos", "--zero_shot"]))
+    assert (a.lr_schedule, a.clip_threshold) == ("cos", 0.3)
+    a = debiaspl.resolve_defaults(debiaspl.parse_args(["--dataset", "imagenet", "--cos", "--lr_schedule", "step"]))
+    assert a.lr_schedule == "step"
+    with pytest.raises(SystemExit):
+        debiaspl.parse_args(["--recipe", "svhn"])  # the choices are the recipes
 
 
 def quadrant_images(labels, size, noise, g):
@@ -514,7 +566,8 @@ IMAGENET_FLAGS = ["--trainindex_x", "train_1p_index.csv", "--trainindex_u", "tra
 
 
 def test_cli_imagenet_layout_1p_command_then_resume_equals_uninterrupted(imnet, tmp_path, env):
-    # the ImageNet 1% command (2 iterations), then --resume auto to 4, against an uninterrupted 4-iteration run
+    # the ImageNet 1% command (2 iterations); then a 4-iteration run stopped after 2 (--stop_after) and continued
+    # with --resume auto, against the uninterrupted 4-iteration run
     proc = run_script("debiaspl.py", "--root", imnet, *IMAGENET_FLAGS, "--logdir", tmp_path, cwd=tmp_path, env=env)
     assert_ok(proc)
     run = tmp_path / "debiaspl-imagefolder-train_1p_index-s0"
@@ -528,8 +581,16 @@ def test_cli_imagenet_layout_1p_command_then_resume_equals_uninterrupted(imnet, 
     assert (run / "metrics.jsonl").read_text().count("\n") == 1  # 21 // 8 = 2 iterations per epoch: one eval
 
     four = [f if f != "2" or IMAGENET_FLAGS[i - 1] != "--max_iter" else "4" for i, f in enumerate(IMAGENET_FLAGS)]
-    assert_ok(run_script("debiaspl.py", "--root", imnet, *four, "--logdir", tmp_path, "--resume", "auto",
-                         cwd=tmp_path, env=env))
+    proc = run_script("debiaspl.py", "--root", imnet, *four, "--stop_after", "2", "--logdir", tmp_path, "--run_name",
+                      "cut", cwd=tmp_path, env=env)
+    assert_ok(proc)
+    assert "stopped after iteration 2 of 4 (--stop_after); continue with --resume auto" in proc.stdout
+    run = tmp_path / "cut"
+    assert not (run / "summary.json").exists()  # not finished: run.sh's rows and the reports see no result yet
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert_ok(run_script("debiaspl.py", "--root", imnet, *four, "--logdir", tmp_path, "--run_name", "cut",
+                         "--resume", "auto", cwd=tmp_path, env=env))
+    assert json.loads((run / "summary.json").read_text())["iters"] == 4
     assert_ok(run_script("debiaspl.py", "--root", imnet, *four, "--logdir", tmp_path, "--run_name", "full",
                          cwd=tmp_path, env=env))
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
@@ -563,6 +624,29 @@ def test_cli_cifar10(cifar, tmp_path, env):
     # the split is saved in the run folder in the index-file format, so it can be fed back as --trainindex_x
     split = splits.read_index_file(tmp_path / "debiaspl-cifar10-40-s0" / "labeled.csv", 60)
     assert len(split) == 40 and len(np.unique(np.asarray(datasets.load("cifar10", cifar, "train").targets)[split])) == 10
+
+
+def test_stop_after_keeps_the_schedule_of_the_whole_run(cifar, tmp_path, capsys, one_thread):
+    # 2 epochs of 2 iterations = 4, stopped after 3: the learning rate of iteration 3 is the 4-iteration run's (the
+    # CIFAR recipe's per-iteration cos(7 pi k / 16 K), K = 4), not a 3-iteration run's; --eval_freq 1 (epochs)
+    # evaluates every 2 iterations, and at the stop.
+    argv = ["--root", str(cifar), "--dataset", "cifar10", "--num_labeled", "20", "--backbone", "resnet18",
+            "--batch_size", "4", "--mu", "1", "--epochs", "2", "--epoch_iters", "2", "--eval_freq", "1", "--workers",
+            "0", "--device", "cpu", "--logdir", str(tmp_path), "--run_name", "cut"]
+    debiaspl.main(argv + ["--stop_after", "3"])
+    assert "stopped after iteration 3 of 4 (--stop_after); continue with --resume auto" in capsys.readouterr().out
+    run = tmp_path / "cut"
+    assert not (run / "summary.json").exists()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    args = debiaspl.resolve_defaults(debiaspl.parse_args(argv))
+    assert ckpt["step"] == 3 and ckpt["optimizer"]["param_groups"][0]["lr"] == debiaspl.learning_rate(2, 4, args) \
+        == pytest.approx(0.1 * math.cos(7 * math.pi * 2 / (16 * 4)))
+    assert debiaspl.learning_rate(2, 4, args) != pytest.approx(debiaspl.learning_rate(2, 3, args))
+    flags = json.loads((run / "args.json").read_text())["flags"]
+    assert (flags["recipe"], flags["eval_interval"], flags["eval_freq"], flags["stop_after"]) == ("cifar", 2, 1, 3)
+    debiaspl.main(argv + ["--resume", "auto"])
+    assert json.loads((run / "summary.json").read_text())["iters"] == 4
+    assert [json.loads(l)["iter"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [2, 3, 4]
 
 
 def test_torchrun_two_processes_with_clip(imnet, tmp_path, env):
