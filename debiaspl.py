@@ -906,11 +906,7 @@ def main(argv=None):
     if start >= stop and dist.is_main:
         print(f"[{run.name}] the checkpoint is already at iteration {start} of {total}: nothing to train", flush=True)
     if stop < total:  # --stop_after: the checkpoint of iteration `stop` is written; no summary.json yet
-        if dist.is_main:
-            print(f"[{run.name}] stopped after iteration {max(start, stop)} of {total} (--stop_after); continue with "
-                  "--resume auto", flush=True)
-        if run.writer is not None:
-            run.writer.close()
+        run.stop(max(start, stop), total)
         return
     q = qhat.clamp_min(1e-30)
     run.finish(iters=max(start, total), labeled=len(x_idx), unlabeled=len(u_idx), teacher_final_top1=teacher_top1,

@@ -485,6 +485,17 @@ class Run:
                                "run": {"evals": self.evals, "wall_s": self.wall_s()}})
             atomic_write(self.dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
+    def stop(self, step, total):
+        """End a run that --stop_after cut short: its checkpoint is written and no summary.json, so the run folder
+        reads as unfinished and --resume auto continues it with the same schedule."""
+        if self._bar is not None:
+            self._bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.is_main:
+            print(f"[{self.name}] stopped after iteration {step} of {total} (--stop_after); continue with --resume "
+                  "auto", flush=True)
+
     def finish(self, **figures):
         """Write summary.json: final, best and median-of-last-5 top-1, iterations (by default those of the last
         evaluation), wall time, plus the method's own figures."""

@@ -239,3 +239,15 @@ def test_log_line_shows_rate_and_eta_and_restarts_with_a_new_stage(tmp_path, cap
     assert lines == ["[m-d-4-s1] iter 10/110 loss 0.5 | - it/s, ETA -",
                      "[m-d-4-s1] iter 30/110 loss 0.25 | 0.5 it/s, ETA 0:02:40",
                      "[m-d-4-s1] iter 2/50 | - it/s, ETA -"]
+
+
+def test_stop_leaves_an_unfinished_run_that_resumes(tmp_path, capsys):
+    run = R.Run(make_args(tmp_path), "m", "d", 4).start()
+    run.log_eval(2, 40.0, 80.0)
+    run.save_checkpoint({"step": 2})
+    run.stop(2, 10)
+    assert capsys.readouterr().out.strip().endswith(
+        "stopped after iteration 2 of 10 (--stop_after); continue with --resume auto")
+    assert not (run.dir / "summary.json").exists() and (run.dir / "checkpoint.pt").exists()
+    again = R.Run(make_args(tmp_path, resume="auto"), "m", "d", 4)
+    assert again.resume_state["step"] == 2
