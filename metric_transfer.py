@@ -10,10 +10,13 @@ propagated labels by confidence. Stage C (finetune) trains a classifier from the
 cross-entropy on the seeds plus the --pseudo_ratio most confident pseudo-labels.
 
 One script runs all three stages (--stage all) or one of them; each stage reads the previous stage's product from the
-run folder (pretrain.pt, features.pt, pseudo_labels_<propagation>.pt) or from a path flag (--pretrained, --features,
---pseudo_file), so any stage's input can be swapped for the user's own.
+run folder (pretrain.pt, features.pt, pseudo_labels_<propagation>.pt) or from a path flag (--metric_net, --features,
+--pseudo_file), so any stage's input can be swapped for the user's own. --pretrained initialises the network of the
+first stage that runs (stage A's; with --stage finetune, the fine-tuned one). Per-dataset defaults come from RECIPES
+(--recipe cifar | imagenet, inferred from --dataset; --help prints the table).
 
-Launch (CIFAR-10, 250 labels, the reference's scripts; --max_iter sets the length of each training stage):
+Launch (CIFAR-10, 250 labels, the reference's scripts; --max_iter sets the length of each training stage,
+--stop_after N stops one there with the schedule unchanged):
   1 GPU:    python metric_transfer.py --root ./cifar10 --download --num_labeled 250 --propagation spectral \
               --pseudo_ratio 0.2 --amp bf16
   4 GPUs:   torchrun --nproc_per_node 4 metric_transfer.py <the same flags>     (--batch_size is global: 128)
@@ -25,11 +28,11 @@ Launch (CIFAR-10, 250 labels, the reference's scripts; --max_iter sets the lengt
             python metric_transfer.py --stage finetune  --root ./cifar10 --run_name mt --resume auto --propagation knn
   ImageNet 1% (13,000 labels), from the lemniscate ResNet-50 weights:
             torchrun --nproc_per_node 4 metric_transfer.py --stage propagate --root ./imagenet --arch resnet50 \
-              --pretrained lemniscate_resnet50.pth.tar --num_labeled 13000 --propagation spectral
+              --metric_net lemniscate_resnet50.pth.tar --trust_checkpoint --num_labeled 13000 --propagation spectral
             torchrun --nproc_per_node 4 metric_transfer.py --stage finetune --root ./imagenet --arch resnet50 \
-              --num_labeled 13000 --propagation spectral --pseudo_ratio 0.1 --resume auto --dali
+              --metric_net lemniscate_resnet50.pth.tar --trust_checkpoint --num_labeled 13000 \
+              --propagation spectral --pseudo_ratio 0.1 --resume auto --dali
 """
-import argparse
 import json
 import math
 import time
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from common import UserError
-from common import backbones, datasets, distributed, loaders, splits
+from common import backbones, datasets, distributed, loaders, neighbors, splits
 from common import run as runlib
 
 METHOD = "metric_transfer"
@@ -56,63 +59,77 @@ STAGES = ("pretrain", "propagate", "finetune")
 FIXED = ("dataset", "backbone", "low_dim", "num_labeled", "labeled_file", "seed")
 
 
+# ----------------------------------------------------------------------------------------------------------- recipes
+# The per-dataset defaults (docs/metric_transfer.md, "Recipes"; --help prints them). cifar: unsupervised/cifar.py with
+# scripts/instance_cifar10.sh (stage A) and cifar-semi.py (stage C); imagenet: lemniscate (stage A) and
+# imagenet-semi.py (stage C).
+RECIPES = {
+    "cifar": dict(backbone="wrn28_2", image_size=32, batch_size=128, epochs=1270, pretrain_wd=5e-4,
+                  pretrain_scheduler="cosine-with-restart", nce_k=0, nce_t=0.1, pseudo_ratio=0.2, weight_decay=5e-4,
+                  lr_scheduler="cosine", finetune_iters=500_000),
+    "imagenet": dict(backbone="resnet50", image_size=224, batch_size=256, epochs=200, pretrain_wd=1e-4,
+                     pretrain_scheduler="multi-step", nce_k=4096, nce_t=0.07, pseudo_ratio=0.1, weight_decay=0.0,
+                     lr_scheduler="multi-step", finetune_iters=50_000),
+}
+
+
+def recipe_of(dataset):
+    """The recipe --dataset implies: the 32-px array sets take CIFAR's, everything else ImageNet's."""
+    return "cifar" if dataset in SMALL else "imagenet"
+
+
 # ------------------------------------------------------------------------------------------------------------- flags
 def parse_args(argv=None):
-    p = runlib.Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", default="all", choices=["pretrain", "propagate", "finetune", "all"],
-                   help="which stage(s) to run; later stages read earlier products from the run folder")
+    p = runlib.Parser(description=__doc__.split("\n\n")[0], recipes=RECIPES)
     g = p.add_argument_group("data")
-    g.add_argument("--root", "--data_dir", "--dataDir", default=None, help="dataset folder")
-    g.add_argument("--dataset", default=None, choices=datasets.NAMES,
-                   help="dataset format (default: inferred from the basename of --root)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                   help="download the dataset if it is missing (CIFAR, SVHN)")
-    g.add_argument("--num_labeled", type=int, default=None,
-                   help="labeled seeds, num_labeled // classes per class, drawn as the reference does (default: 500 "
-                        "on CIFAR-style sets, 13000 on ImageNet, else 1%% of the train set rounded up per class)")
+    g.add_argument("--root", "--data_dir", "--dataDir", shared=True, default=None,
+                   help="the reference's --data_dir is an alias")
+    g.add_argument("--dataset", shared=True, default=None, choices=datasets.NAMES)
+    g.add_argument("--recipe", shared=True, default=None, choices=list(RECIPES))
+    g.add_argument("--download", shared=True, help="CIFAR, SVHN")
+    g.add_argument("--num_labeled", shared=True, default=None,
+                   help="the seeds, num_labeled / classes per class, drawn as the reference does (default: 500 with "
+                        "the cifar recipe, 13000 on ImageNet, else 1%% of the train set rounded up per class: it "
+                        "depends on the train set, not only on the recipe)")
     g.add_argument("--labeled_file", default=None,
                    help="the labeled seeds as an index file (.npy or CSV with an Index column, e.g. from usl.py) "
                         "instead of --num_labeled")
-    g.add_argument("--image_size", type=int, default=None, help="crop size (default: 32 on CIFAR-style sets, else 224)")
-    g.add_argument("--workers", "--num_workers", "-j", type=int, default=2, help="data loading processes")
-    g.add_argument("--batch_size", "-b", type=int, default=None,
-                   help="global batch of both training stages (default: 128 on CIFAR-style sets, 256 on ImageNet)")
-    g.add_argument("--seed", "--rng_seed", type=int, default=0, help="seed of the split, the model and the data order")
-    g.add_argument("--dali", action=argparse.BooleanOptionalAction, default=False,
-                   help="decode and augment image folders with NVIDIA DALI (GPU decoding when a GPU is present)")
-    g = p.add_argument_group("network")
-    g.add_argument("--backbone", "--arch", "--architecture", default=None,
-                   help=f"one of {', '.join(backbones.NAMES)} (reference spellings such as wrn-28-2 accepted; "
-                        "default: wrn28_2 on CIFAR-style sets, resnet50 otherwise)")
-    g.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
-                   help="stage-A weights for propagate / finetune when run alone (this script's pretrain.pt or a "
-                        "reference / lemniscate checkpoint); with --stage pretrain or all, the pretraining init. "
-                        "No value: the torchvision ImageNet weights")
+    g.add_argument("--image_size", type=int, recipe=True, help="crop size")
+    g.add_argument("--workers", "--num_workers", "-j", shared=True, default=2)
+    g.add_argument("--batch_size", "-b", shared=True, recipe=True, help="both training stages")
+    g.add_argument("--seed", "--rng_seed", shared=True, default=0,
+                   help="it seeds the split, the model and the data order")
+    g.add_argument("--dali", shared=True, help="image folders")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", "--arch", "--architecture", shared=True, recipe=True,
+                   help=f"one of {', '.join(backbones.NAMES)} (reference spellings such as wrn-28-2 accepted)")
+    g.add_argument("--pretrained", shared=True, default=None,
+                   help="here the network of the first stage that runs: stage A's with --stage pretrain / all, the "
+                        "fine-tuned one with --stage finetune (instead of starting from --metric_net); --stage "
+                        "propagate trains none")
+    g.add_argument("--metric_net", nargs="?", const=True, default=None, metavar="PATH",
+                   help="the instance-discrimination network (stage A's product): what propagation embeds with and "
+                        "what fine-tuning starts from; this script's pretrain.pt or a reference / lemniscate "
+                        "checkpoint, no value = the torchvision weights of --backbone (default: the run folder's "
+                        "pretrain.pt)")
     g.add_argument("--low_dim", type=int, default=128, help="embedding size of the instance-discrimination head")
-    g = p.add_argument_group("stage A: instance discrimination")
-    g.add_argument("--epochs", type=int, default=None,
-                   help="pretraining passes over the train set (default: 1270 = seven SGDR cycles 10+20+...+640 on "
-                        "CIFAR-style sets, 200 on ImageNet); with --max_iter, the schedule's shape in epochs")
-    g.add_argument("--pretrain_lr", type=float, default=0.03, help="pretraining learning rate")
-    g.add_argument("--pretrain_wd", type=float, default=None,
-                   help="pretraining weight decay (default: 5e-4 on CIFAR-style sets, 1e-4 on ImageNet)")
-    g.add_argument("--pretrain_scheduler", default=None, choices=["cosine-with-restart", "cosine", "multi-step"],
-                   help="pretraining schedule (default: cosine-with-restart (SGDR T0=10, Tmult=2) on CIFAR-style "
-                        "sets, multi-step x0.1 at 60%% and 80%% on ImageNet)")
-    g.add_argument("--nce_k", type=int, default=None,
-                   help="noise samples of NCE; 0 = the exact softmax over the whole memory bank "
-                        "(default: 0 on CIFAR-style sets, 4096 on ImageNet)")
-    g.add_argument("--nce_t", type=float, default=None, help="softmax temperature (default: 0.1 CIFAR, 0.07 ImageNet)")
+    g = p.add_argument_group("method")
+    g.add_argument("--stage", default="all", choices=["pretrain", "propagate", "finetune", "all"],
+                   help="which stage(s) to run; later stages read earlier products from the run folder")
+    g = p.add_argument_group("method: stage A, instance discrimination")
+    g.add_argument("--nce_k", type=int, recipe=True,
+                   help="noise samples of NCE; 0 = the exact softmax over the whole memory bank")
+    g.add_argument("--nce_t", type=float, recipe=True, help="softmax temperature")
     g.add_argument("--nce_m", type=float, default=0.5, help="memory-bank momentum")
     g.add_argument("--transform_scale", type=float, default=0.2, help="smallest crop scale of the pretraining crops")
     g.add_argument("--transform_crop", default="RandomResizedCrop", choices=["RandomResizedCrop", "PadCrop"],
-                   help="pretraining crop on CIFAR-style sets")
-    g = p.add_argument_group("stage B: propagation")
+                   help="pretraining crop on CIFAR-style sets (PadCrop: pad 4 by reflection, random 32-px crop)")
+    g = p.add_argument_group("method: stage B, propagation")
     g.add_argument("--propagation", default="spectral", choices=["knn", "spectral"],
                    help="kNN to the seeds, or seeded normalised cut on a kNN graph")
     g.add_argument("--features", default=None,
-                   help="propagate on these features instead of the network's: .pt/.pth.tar (a [N, d] tensor, or a "
-                        "dict with 'features' or 'train_features') or .npy, rows in train-set order")
+                   help="propagate on these features instead of the metric network's: .pt/.pth.tar (a [N, d] "
+                        "tensor, or a dict with 'features' or 'train_features') or .npy, rows in train-set order")
     g.add_argument("--knn_t", type=float, default=0.1, help="kNN propagation: weights exp(similarity / knn_t)")
     g.add_argument("--graph_k", type=int, default=20,
                    help="spectral: neighbours per point in the graph (self included)")
@@ -125,34 +142,44 @@ def parse_args(argv=None):
     g.add_argument("--graph_index", default="auto", choices=["auto", "flat", "ivf"],
                    help="spectral: faiss index of the graph search; auto = exact (flat) up to 200,000 points, "
                         "inverted lists (approximate) above")
-    g = p.add_argument_group("stage C: fine-tuning")
+    g = p.add_argument_group("method: stage C, fine-tuning")
     g.add_argument("--pseudo_file", default=None,
                    help="pseudo-labels to fine-tune on (this script's or the reference's .pth.tar, or a folder of "
                         "the reference's ImageNet chunk files; default: the run folder's "
                         "pseudo_labels_<propagation>.pt)")
-    g.add_argument("--pseudo_ratio", type=float, default=None,
-                   help="fraction of the unlabeled images kept, most confident first, in (0, 1] "
-                        "(default: 0.2 on CIFAR-style sets, 0.1 on ImageNet)")
-    g.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
-    g.add_argument("--weight_decay", "--wd", type=float, default=None,
-                   help="fine-tuning weight decay (default: 5e-4 on CIFAR-style sets, 0 on ImageNet)")
-    g.add_argument("--lr_scheduler", default=None, choices=["cosine", "multi-step"],
-                   help="fine-tuning schedule: cosine per iteration to 1e-5, or x0.1 at 3/7 and 6/7 "
-                        "(default: cosine on CIFAR-style sets, multi-step on ImageNet)")
-    g.add_argument("--max_iter", "--max_iters", type=int, default=None,
-                   help="length of each training stage in iterations (default: fine-tuning 500000 on CIFAR-style "
-                        "sets, 50000 on ImageNet; pretraining --epochs passes)")
-    g.add_argument("--stop_after", type=int, default=None,
-                   help="stop the running training stage after this iteration with a checkpoint, schedule unchanged "
-                        "(continue later with --resume auto)")
-    g.add_argument("--eval_interval", "--eval_freq", type=int, default=None,
-                   help="iterations between evaluations (default: pretraining once per pass, fine-tuning 500)")
+    g.add_argument("--pseudo_ratio", type=float, recipe=True,
+                   help="fraction of the unlabeled images kept, most confident first, in (0, 1]")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_iter", "--max_iters", shared=True, default=None,
+                   help="of every training stage that runs (the reference's --max_iters); pretraining's schedule "
+                        "keeps its shape in --epochs, stretched to it (default: each stage's own length, --epochs "
+                        "passes and --finetune_iters)")
+    g.add_argument("--epochs", shared=True, recipe=True,
+                   help="pretraining (1270 = seven SGDR cycles 10+20+...+640)")
+    g.add_argument("--finetune_iters", type=int, recipe=True,
+                   help="fine-tuning length in iterations when --max_iter is not given")
+    g.add_argument("--stop_after", shared=True, default=None,
+                   help="the running training stage stops there with a checkpoint")
+    g.add_argument("--eval_interval", "--eval_freq", shared=True, default=None,
+                   help="the reference's --eval_freq (iterations, fine-tuning) is an alias (default: pretraining "
+                        "once per pass, fine-tuning 500)")
+    g = p.add_argument_group("optimisation: stage A")
+    g.add_argument("--pretrain_lr", type=float, default=0.03, help="pretraining learning rate")
+    g.add_argument("--pretrain_wd", type=float, recipe=True, help="pretraining weight decay")
+    g.add_argument("--pretrain_scheduler", choices=["cosine-with-restart", "cosine", "multi-step"], recipe=True,
+                   help="pretraining schedule: SGDR (T0=10 epochs, Tmult=2), one cosine, or x0.1 at 60%% and 80%%")
+    g = p.add_argument_group("optimisation: stage C")
+    g.add_argument("--lr", shared=True, default=0.01, help="fine-tuning")
+    g.add_argument("--weight_decay", "--wd", shared=True, recipe=True, help="fine-tuning")
+    g.add_argument("--lr_scheduler", choices=["cosine", "multi-step"], recipe=True,
+                   help="fine-tuning schedule: cosine per iteration to 1e-5, or x0.1 at 3/7 and 6/7")
     runlib.add_standard_flags(p)
     args = p.parse_args(argv)
     if args.pseudo_ratio is not None and not 0.0 < args.pseudo_ratio <= 1.0:
         raise UserError(f"--pseudo_ratio {args.pseudo_ratio} is outside (0, 1]: it is the fraction of the unlabeled "
                         "images kept, e.g. 0.2")
-    for name in ("max_iter", "epochs", "batch_size", "eval_interval", "low_dim", "graph_k", "num_eigs"):
+    for name in ("max_iter", "epochs", "finetune_iters", "stop_after", "batch_size", "eval_interval", "low_dim",
+                 "graph_k", "num_eigs"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be at least 1, not {v}")
@@ -165,6 +192,12 @@ def parse_args(argv=None):
         if not 0.0 <= v < torch.finfo(torch.float32).max:
             raise UserError(f"--{name} {v} must lie in [0, {torch.finfo(torch.float32).max:.3g}) (SGD steps with a "
                             "float32 learning rate)")
+    if args.pretrained is not None and args.stage == "propagate":
+        raise UserError("--pretrained sets the initial weights of a network this command trains, and --stage "
+                        "propagate trains none: pass the instance-discrimination network as --metric_net PATH")
+    if args.metric_net is not None and args.stage in ("pretrain", "all"):
+        raise UserError(f"--metric_net replaces what stage A makes, and --stage {args.stage} makes it: pass "
+                        "--metric_net to --stage propagate or finetune (--pretrained initialises stage A)")
     if args.backbone is not None:
         args.backbone = {"wrn-28-2": "wrn28_2", "wrn-28-8": "wrn28_8", "wrn-28-10": "wrn28_10"}.get(
             args.backbone, args.backbone)
@@ -174,7 +207,7 @@ def parse_args(argv=None):
 def inherit_from_run_folder(args):
     """A later stage on an existing run folder (--run_name given) keeps that run's seeds, network and image size unless
     the flags say otherwise: those flags default to None, and args.json of the folder has the values used."""
-    keys = ("num_labeled", "labeled_file", "backbone", "image_size", "dataset")
+    keys = ("num_labeled", "labeled_file", "backbone", "image_size", "dataset", "recipe")
     if not args.run_name or any(getattr(args, k) is not None for k in keys[:2]):
         keys = keys[2:]
     path = Path(args.logdir) / args.run_name / "args.json" if args.run_name else None
@@ -190,25 +223,12 @@ def inherit_from_run_folder(args):
 
 
 def set_defaults(args, train):
-    """Recipe defaults that depend on the dataset (CIFAR: unsupervised/cifar.py + cifar-semi.py; ImageNet: lemniscate
-    + imagenet-semi.py)."""
-    small = args.dataset in SMALL
+    """The recipe's defaults (RECIPES; an explicit flag wins), then those that depend on the train set itself."""
+    runlib.apply_recipe(args, RECIPES, args.recipe or recipe_of(args.dataset))
     n, c = len(train), train.num_classes
-    pick = lambda v, a, b: (a if small else b) if v is None else v  # noqa: E731
-    args.image_size = pick(args.image_size, 32, 224)
-    args.backbone = pick(args.backbone, "wrn28_2", "resnet50")
-    args.batch_size = pick(args.batch_size, 128, 256)
-    args.epochs = pick(args.epochs, 1270, 200)
-    args.pretrain_wd = pick(args.pretrain_wd, 5e-4, 1e-4)
-    args.pretrain_scheduler = pick(args.pretrain_scheduler, "cosine-with-restart", "multi-step")
-    args.nce_k = pick(args.nce_k, 0, 4096)
-    args.nce_t = pick(args.nce_t, 0.1, 0.07)
-    args.pseudo_ratio = pick(args.pseudo_ratio, 0.2, 0.1)
-    args.weight_decay = pick(args.weight_decay, 5e-4, 0.0)
-    args.lr_scheduler = pick(args.lr_scheduler, "cosine", "multi-step")
-    args.finetune_iters = args.max_iter or (500_000 if small else 50_000)
     if args.num_labeled is None and args.labeled_file is None:
-        args.num_labeled = 500 if small else 13000 if args.dataset == "imagenet" else c * math.ceil(0.01 * n / c)
+        args.num_labeled = 500 if args.recipe == "cifar" else 13000 if args.dataset == "imagenet" else \
+            c * math.ceil(0.01 * n / c)
     if args.nce_k >= n:
         raise UserError(f"--nce_k {args.nce_k} noise samples need a train set larger than its {n} images: "
                         "lower --nce_k or use 0 (exact softmax)")
@@ -236,18 +256,18 @@ def make_transforms(args, mean_std):
 
 
 def color_augment_batch(x, mean, std):
-    """The pretraining colour augmentations (jitter 0.4, grayscale 0.2) on a normalised batch, per image, on its
-    device: DALI's training view has crop + flip only."""
+    """The pretraining colour augmentations of image folders (grayscale 0.2, then jitter 0.4, the torchvision path's
+    order) on a normalised batch, per image, on its device: DALI's training view has crop + flip only (the flip
+    commutes with both)."""
     from torchvision.transforms.v2 import functional as TF
     mean, std = torch.tensor(mean, device=x.device).view(3, 1, 1), torch.tensor(std, device=x.device).view(3, 1, 1)
     out = []
     jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.4)
     for img in x:
         img = (img.float() * std + mean).clamp(0, 1)
-        img = jitter(img)
         if torch.rand(()) < 0.2:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        out.append((img - mean) / std)
+        out.append((jitter(img) - mean) / std)
     return torch.stack(out).to(x.dtype)
 
 
@@ -276,7 +296,7 @@ class Classifier(nn.Module):
         return self.fc(self.backbone(x))
 
 
-def load_stage_a(args, path_or_flag, trust):
+def load_stage_a(args, path_or_flag, trust, flag="--pretrained"):
     """A backbone plus the embedding head's state (None when the checkpoint has none) from this script's pretrain.pt,
     a reference checkpoint (`net` with `module.`), a lemniscate one (`state_dict`), or the torchvision weights
     (True)."""
@@ -284,7 +304,7 @@ def load_stage_a(args, path_or_flag, trust):
         return backbones.build(args.backbone, True, trust), None
     path = Path(path_or_flag)
     if not path.is_file():
-        raise UserError(f"--pretrained {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     ckpt = load_trusted_legacy(path) if trust else runlib.load_file(path)
     bb = backbones.build(args.backbone)
     if "backbone_name" in ckpt:  # this script's pretrain.pt
@@ -403,34 +423,20 @@ def finetune_lr(step, total, args):
 
 
 # -------------------------------------------------------------------------------------- stage B: propagation
-def faiss_search(db, queries, k, index="flat", chunk=65536):
-    """Inner-product top-k of each query among db rows with faiss (GPU index when faiss sees a GPU). Yields
-    (start, D, I) per chunk of queries so that callers never hold all N x k results at once."""
-    import faiss
-    db = np.ascontiguousarray(db, dtype=np.float32)
-    d = db.shape[1]
-    gpu = faiss.get_num_gpus() > 0
+def search(db, queries, k, index="flat", gpu=False):
+    """Inner-product top-k of each query among the db rows (common.neighbors), as (start, D, I) per chunk of queries
+    so that callers never hold all N x k results at once. index "ivf": ~4 sqrt(N) lists (at most N / 39), trained on
+    64 rows per list, 16 lists probed per query."""
     if index == "ivf":
         nlist = int(min(4 * math.sqrt(len(db)), len(db) // 39))
-        quantizer = faiss.IndexFlatIP(d)
-        cpu_index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.RandomState(0)
-        cpu_index.train(db[rng.choice(len(db), min(len(db), 64 * nlist), replace=False)])
-        cpu_index.nprobe = 16
-        idx = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu_index) if gpu else cpu_index
-    elif gpu:
-        idx = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), d)
+        idx = neighbors.ivf_index(db, "ip", nlist=nlist, nprobe=16, train_size=64 * nlist, gpu=gpu)
     else:
-        idx = faiss.IndexFlatIP(d)
-    idx.add(db)
-    for s in range(0, len(queries), chunk):
-        q = np.ascontiguousarray(queries[s:s + chunk], dtype=np.float32)
-        D, I = idx.search(q, k)
-        yield s, D, I
+        idx = neighbors.flat_index(db, "ip", gpu)
+    return neighbors.search_chunks(idx, queries, k)
 
 
 def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=200, t=0.1, keep_probs=True,
-                  search=faiss_search):
+                  gpu=False):
     """kNN propagation (knn.ipynb): the k = min(N_l, k) most similar seeds, class score sum exp(sim / t), p = score /
     sum(score). Returns (prediction, confidence = max p, p or None), all for query_idx."""
     k = min(len(labeled_idx), k)
@@ -438,7 +444,7 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
     n = len(query_idx)
     pred, conf = np.empty(n, np.int64), np.empty(n, np.float32)
     probs = np.empty((n, num_classes), np.float32) if keep_probs else None
-    for s, D, I in search(features[labeled_idx], features[query_idx], k):
+    for s, D, I in search(features[labeled_idx], features[query_idx], k, gpu=gpu):
         w = np.exp(D.astype(np.float64) / t)
         w[I < 0] = 0.0
         flat = (np.arange(len(D))[:, None] * num_classes + labeled_y[np.maximum(I, 0)]).ravel()
@@ -451,13 +457,13 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
     return pred, conf, probs
 
 
-def knn_graph(features, k, index="flat", search=faiss_search):
+def knn_graph(features, k, index="flat", gpu=False):
     """Symmetric affinity W = (W~ + W~^T) / 2 on the k nearest points of each point (itself included, as the
     reference: cosine sim -> distance d = (1 - cos) / 2, W~ = exp(-2 d / 0.2) = exp(-5 (1 - cos)))."""
     import scipy.sparse as sp
     n = len(features)
     rows, cols, vals = [], [], []
-    for s, D, I in search(features, features, k, index=index):
+    for s, D, I in search(features, features, k, index, gpu):
         keep = I >= 0
         rows.append(np.nonzero(keep)[0] + s)
         cols.append(I[keep])
@@ -539,13 +545,13 @@ def smallest_laplacian_eigs(W, m, solver="filtered", seed=0, dense_below=2000):
 
 
 def spectral_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, graph_k=20, num_eigs=200, t=1.0,
-                       solver="filtered", index="flat", keep_probs=True, seed=0, search=faiss_search, graph=None):
+                       solver="filtered", index="flat", keep_probs=True, seed=0, gpu=False, graph=None):
     """Seeded normalised cut (nc.ipynb): z^c = U diag(1 / lambda) U^T s^c over the smallest eigenpairs of the
     normalised Laplacian (the trivial first one dropped), s^c the biased-normalised-cut seed of class c (one vs rest),
     columns scaled to norm sqrt(n), margin confidence 1 - exp(-(z_1 - z_2) / t). Returns (prediction, confidence,
     softmax(z) or None) for query_idx, and the kept eigenvalues."""
     from scipy.sparse import diags as sp_diags
-    W = knn_graph(features, graph_k, index, search) if graph is None else graph
+    W = knn_graph(features, graph_k, index, gpu) if graph is None else graph
     n = W.shape[0]
     deg = np.asarray(W.sum(0)).ravel()  # with the self-loops, as the reference's prior
     lam, U = smallest_laplacian_eigs(W, num_eigs, solver, seed)
@@ -618,13 +624,17 @@ def select_pseudo(pseudo_idx, pseudo_labels, ratio):
 
 
 def reference_split(targets, num_labeled, num_classes, seed=0):
-    """The notebooks' split: torch.manual_seed(seed); perm = randperm(N); per class the first num_labeled // C entries
-    of perm with that label; labeled in class order, unlabeled the rest (nested across num_labeled)."""
+    """The notebooks' split: torch.manual_seed(seed); perm = randperm(N); per class the first num_labeled / C entries
+    of perm with that label (num_labeled a multiple of C); labeled in class order, unlabeled the rest (nested across
+    num_labeled)."""
     targets = np.asarray(targets, dtype=np.int64)
     per = num_labeled // num_classes
     if per < 1:
         raise UserError(f"--num_labeled {num_labeled} gives no labeled seed to some of the {num_classes} classes: "
                         f"use at least {num_classes}")
+    if num_labeled % num_classes:  # the same line as splits.class_balanced_split(..., exact=True)
+        raise UserError(f"{num_labeled} labels cannot be split evenly over {num_classes} classes: choose a multiple "
+                        f"of {num_classes}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(targets), generator=g).numpy()
     labeled = []
@@ -761,7 +771,8 @@ def knn_monitor(test_feats, test_y, bank, bank_y, num_classes, k=200, t=0.1):
 class DaliSet:
     """A DALI stream over (a subset of) an image-folder set, yielding (x, y, idx) with idx the row in `base`."""
 
-    def __init__(self, base, rows, labels, view, batch_size, args, dist, seed, one_pass=False):
+    def __init__(self, base, rows, labels, view, batch_size, args, dist, seed, one_pass=False, area=None):
+        """area: the training view's crop scale range (default: DALI's, torchvision's (0.08, 1))."""
         from common import dali
         if not dali.available():
             raise UserError("--dali needs NVIDIA DALI (pip install the nvidia-dali wheel for your CUDA), "
@@ -772,7 +783,8 @@ class DaliSet:
                                       batch_size=batch_size, size=args.image_size, seed=seed, rank=dist.rank,
                                       world_size=dist.world_size, threads=max(1, args.workers),
                                       device="cuda" if dist.device.type == "cuda" else "cpu",
-                                      shuffle=not one_pass, one_pass=one_pass)
+                                      shuffle=not one_pass, one_pass=one_pass,
+                                      **({} if area is None else {"area": area}))
 
     def __iter__(self):
         for x, y, i in self.stream:
@@ -781,6 +793,9 @@ class DaliSet:
     def __next__(self):
         x, y, i = next(self.stream)
         return x, y, self.rows[i.cpu().long()]
+
+    def __len__(self):
+        return self.stream.batches_per_pass
 
     def state_dict(self):
         return self.stream.state_dict()
@@ -855,12 +870,13 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
                           weight_decay=args.pretrain_wd)
     scaler = runlib.grad_scaler(device, args.amp)
     if args.dali:
-        stream = DaliSet(train, np.arange(n), train.targets, "train", args.batch_size, args, dist, args.seed)
-        passes = math.ceil(n / args.batch_size)
+        # the torchvision path's RandomResizedCrop(scale=(--transform_scale, 1)); colour on the device below
+        stream = DaliSet(train, np.arange(n), train.targets, "train", args.batch_size, args, dist, args.seed,
+                         area=(args.transform_scale, 1.0))
     else:
         stream = loaders.BatchStream(train.subset(np.arange(n), transform=tfs[0]), args.batch_size, args.seed,
                                       args.workers, dist.rank, world, pin_memory=device.type == "cuda")
-        passes = len(stream)
+    passes = len(stream)  # full batches per pass, both loaders
     total = args.max_iter or args.epochs * passes
     eval_every = args.eval_interval or passes
     start = 0
@@ -927,8 +943,7 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
                                  "scaler": scaler.state_dict(), "stream": stream.state_dict(),
                                  "rng": runlib.rng_states()})
     if stop < total:
-        print(f"[{run.name}] stopped after iteration {stop} of {total} (--stop_after); continue with --resume auto",
-              flush=True)
+        run.stop(stop, total)
         return False
     if run.is_main:
         runlib.atomic_write(run.path("pretrain.pt"), lambda f: torch.save(
@@ -939,15 +954,15 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
 
 
 # ---------------------------------------------------------------------------------------------- stage B: propagate
-def stage_a_source(args, run):
-    if args.stage != "all" and args.pretrained is not None:
-        return args.pretrained
+def metric_net_source(args, run):
+    """The instance-discrimination network: --metric_net, else the run folder's pretrain.pt."""
+    if args.metric_net is not None:
+        return args.metric_net
     if run.path("pretrain.pt").exists():
         return run.path("pretrain.pt")
-    if args.pretrained is not None:
-        return args.pretrained
-    raise UserError(f"no stage-A weights: {run.path('pretrain.pt')} does not exist; run --stage pretrain on this run "
-                    "folder first, or pass --pretrained PATH (or --features PATH to propagate on your own features)")
+    raise UserError(f"no instance-discrimination network: {run.path('pretrain.pt')} does not exist; run --stage "
+                    "pretrain on this run folder first, or pass --metric_net PATH (or --features PATH to propagate "
+                    "on your own features)")
 
 
 def read_features(path, n, trust):
@@ -963,7 +978,10 @@ def read_features(path, n, trust):
         except ValueError:  # not an array file, or an array of Python objects
             raise UserError(f"--features {path} is not a NumPy array of numbers: expected {expected}") from None
     elif path.suffix in (".pt", ".pth", ".tar"):
-        d = runlib.load_file(path, trust=trust)
+        try:  # a bare [N, d] tensor, which runlib.load_file (checkpoints: dicts) refuses
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - not a weights-only file: the checkpoint loader says why, in one line
+            d = runlib.load_file(path, trust=trust)
         if isinstance(d, dict):
             key = next((k for k in ("features", "train_features") if k in d), None)
             if key is None:
@@ -988,8 +1006,8 @@ def load_features(args, run, dist, train, tfs, ready):
         f = read_features(Path(args.features), n, args.trust_checkpoint)
         ready()
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12), args.features
-    source = stage_a_source(args, run)
-    backbone, head = load_stage_a(args, source, args.trust_checkpoint)  # checked even when features.pt is reused
+    source = metric_net_source(args, run)  # loaded (checked) even when features.pt is reused
+    backbone, head = load_stage_a(args, source, args.trust_checkpoint, "--metric_net")
     key = str(source) if source is True else f"{source} ({Path(source).stat().st_mtime_ns})"
     cache = run.path("features.pt")
     if cache.exists():
@@ -1022,15 +1040,16 @@ def run_propagate(args, run, dist, train, tfs, labeled, unlabeled, ready):
     out = run.path(f"pseudo_labels_{args.propagation}.pt")
     if run.is_main:
         keep_probs = len(unlabeled) * c <= 5e7  # ImageNet-size probability tables (5 GB) are not written
+        gpu = neighbors.use_gpu(dist.device)
         t0 = time.time()
         if args.propagation == "knn":
-            pred, conf, probs = knn_propagate(features, labeled, y_l, unlabeled, c, 200, args.knn_t, keep_probs)
+            pred, conf, probs = knn_propagate(features, labeled, y_l, unlabeled, c, 200, args.knn_t, keep_probs, gpu)
             extra = {}
         else:
             index = args.graph_index if args.graph_index != "auto" else ("flat" if len(features) <= 200_000 else "ivf")
             pred, conf, probs, lam = spectral_propagate(features, labeled, y_l, unlabeled, c, args.graph_k,
                                                         args.num_eigs, args.nc_t, args.eig_solver, index, keep_probs,
-                                                        args.seed)
+                                                        args.seed, gpu)
             extra = {"eigenvalues": torch.from_numpy(lam.astype(np.float32))}
         wall = time.time() - t0
         idx, lab, w, order = rank_by_confidence(unlabeled, pred, conf)
@@ -1078,8 +1097,10 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
     labels = np.concatenate([train.targets[labeled], p_y])
     pseudo_acc = 100.0 * float((p_y == train.targets[p_idx]).mean()) if len(p_idx) else None
 
-    source = stage_a_source(args, run)
-    backbone, _ = load_stage_a(args, source, args.trust_checkpoint)
+    # the fine-tuned network starts from --pretrained when this command begins with fine-tuning, else the metric net
+    flag = "--pretrained" if args.stage == "finetune" and args.pretrained is not None else "--metric_net"
+    source = args.pretrained if flag == "--pretrained" else metric_net_source(args, run)
+    backbone, _ = load_stage_a(args, source, args.trust_checkpoint, flag)
     net = Classifier(backbone, c).to(device)
     opt = torch.optim.SGD(net.parameters(), args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     scaler = runlib.grad_scaler(device, args.amp)
@@ -1088,7 +1109,7 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
     else:
         stream = loaders.BatchStream(train.subset(rows, transform=tfs[1], targets=labels), args.batch_size, args.seed,
                                       args.workers, dist.rank, world, pin_memory=device.type == "cuda")
-    total = args.finetune_iters
+    total = args.max_iter or args.finetune_iters
     eval_every = args.eval_interval or 500
     start = 0
     if state is not None and state.get("stage") == "finetune":
@@ -1141,8 +1162,7 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
                                  "stream": stream.state_dict(), "rng": runlib.rng_states(), "rows": rows,
                                  "labels": labels, "labeled": labeled})
     if stop < total:
-        print(f"[{run.name}] stopped after iteration {stop} of {total} (--stop_after); continue with --resume auto",
-              flush=True)
+        run.stop(stop, total)
         return False, {}
     evals = [e["top1"] for e in run.evals if e.get("stage") == "finetune"]
     top5 = [e["top5"] for e in run.evals if e.get("stage") == "finetune"]

@@ -20,6 +20,8 @@ Launch (the selection itself runs on the main process; feature extraction is spl
     python usl.py --device cpu --root ./imagenet --features moco_feats.npy --budget 2911 --seed 0
     # the class-agnostic random baseline (seeds 1, 2, 5 give the lists published in the USL README)
     python usl.py --root ./data/cifar10 --dataset cifar10 --selection random --budget 40 --seed 1
+Per-dataset defaults come from RECIPES (--recipe cifar10 | cifar100 | imagenet, the reference's three configs,
+inferred from --dataset; --help prints the table).
 
 Outputs in runs/<run_name>/: selected.npy (indices into the training set, in cluster order; draw order for random),
 selected.csv and unselected.csv (columns Index, ImageID, sorted by Index), selected.png (the picks, one row per
@@ -42,20 +44,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-from common import backbones, datasets, distributed, loaders, plots, splits
-from common.run import Parser, Run, add_standard_flags, autocast, entry, seed_everything
+from common import backbones, datasets, distributed, loaders, neighbors, plots, splits
+from common import run as runlib
 
-# Reference configs (selective_labeling/configs/*.yaml). Keys absent from a profile keep the argparse default.
-PROFILES = {
-    'cifar10': dict(reg_mode='cifar', knn_k=400, kmeans_iters=200, reg_iters=10, reg_lambda=0.5, reg_momentum=0.9,
-                    reg_alpha=0.5, reg_horizon=4.0),
-    'cifar100': dict(reg_mode='cifar', knn_k=400, kmeans_iters=200, reg_iters=10, reg_lambda=1.0, reg_momentum=0.9,
-                     reg_alpha=1.0, reg_horizon=1.0),
-    # ImageNet_usl_moco_0.2.yaml; the CLIP config differs in reg_lambda 0.05, reg_alpha 1.0, reg_horizon_num 32 and
-    # --reg_exclude_same_cluster (see the README).
-    'imagenet': dict(reg_mode='imagenet', knn_k=20, kmeans_iters=100, reg_iters=2, reg_lambda=1.5, reg_momentum=0.0,
-                     reg_alpha=0.5, reg_horizon_num=128, reg_exclude_same_cluster=False),
+# ----------------------------------------------------------------------------------------------------------- recipes
+# The per-dataset defaults (docs/usl.md, "Recipes"; --help prints them): the reference configs
+# selective_labeling/configs/cifar10_usl.yaml, cifar100_usl.yaml and ImageNet_usl_moco_0.2.yaml (the CLIP config
+# differs in reg_lambda 0.05, reg_alpha 1.0, reg_horizon_num 32 and --reg_exclude_same_cluster; see docs/usl.md).
+# None ("-" in the table): a setting of the other --reg_mode variant, unused by this one.
+RECIPES = {
+    'cifar10': dict(backbone='cifar_resnet18', knn_k=400, kmeans_iters=200, reg_mode='cifar', reg_iters=10,
+                    reg_lambda=0.5, reg_momentum=0.9, reg_alpha=0.5, reg_horizon=4.0, reg_horizon_num=None,
+                    reg_exclude_same_cluster=None),
+    'cifar100': dict(backbone='cifar_resnet18', knn_k=400, kmeans_iters=200, reg_mode='cifar', reg_iters=10,
+                     reg_lambda=1.0, reg_momentum=0.9, reg_alpha=1.0, reg_horizon=1.0, reg_horizon_num=None,
+                     reg_exclude_same_cluster=None),
+    'imagenet': dict(backbone='resnet50', knn_k=20, kmeans_iters=100, reg_mode='imagenet', reg_iters=2,
+                     reg_lambda=1.5, reg_momentum=0.0, reg_alpha=0.5, reg_horizon=None, reg_horizon_num=128,
+                     reg_exclude_same_cluster=False),
 }
+# A --reg_mode other than the recipe's takes the regulariser settings of the recipe of that variant
+REG_FLAGS = ('reg_iters', 'reg_lambda', 'reg_momentum', 'reg_alpha', 'reg_horizon', 'reg_horizon_num',
+             'reg_exclude_same_cluster')
+VARIANT_RECIPE = {'cifar': 'cifar10', 'imagenet': 'imagenet'}
+
+
+def recipe_of(name):
+    """The recipe --dataset implies: ImageNet's for image folders, CIFAR-100's for it, CIFAR-10's for the other
+    32-px sets."""
+    if name in ('imagenet', 'imagefolder') or name in datasets.FINEGRAINED:
+        return 'imagenet'
+    return 'cifar100' if name == 'cifar100' else 'cifar10'
+
+
 # CLD normalisation, used by the reference for CIFAR-10 and CIFAR-100 alike (TRANSFORM_NAME CLD-cifar10/100).
 CLD_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -64,22 +85,12 @@ MASKED = 1e10            # the reference's "ignore this distance" value: contrib
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split('\n\n')[0])
-    g = p.add_argument_group('data and features')
-    g.add_argument('--root', required=True, help='dataset folder (CIFAR pickles, or train/<class>/* folders)')
-    g.add_argument('--dataset', default=None, choices=datasets.NAMES,
-                   help='dataset name (default: inferred from the basename of --root)')
-    g.add_argument('--download', action=argparse.BooleanOptionalAction, default=False, help='download the dataset')
-    g.add_argument('--backbone', '--arch', default=None, choices=backbones.NAMES,
-                   help='network for --pretrained (default: cifar_resnet18 for 32 px sets, resnet50 otherwise)')
-    g.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='PATH',
-                   help='self-supervised checkpoint to embed the images with (CLD, MoCo/MoCo-EMAN, SCAN, torchvision); '
-                        'no value: the torchvision weights of --backbone')
-    g.add_argument('--use_head', action=argparse.BooleanOptionalAction, default=True,
-                   help="embed with the checkpoint's projection head when it has one (CLD 'linear', MoCo 'fc.0/fc.2' "
-                        "or a MoCo v1 query encoder's 'fc', SCAN 'contrastive_head'), as the reference does; else the "
-                        "L2-normalised pooled feature. A single linear 'fc' of any other checkpoint (torchvision "
-                        "weights, a supervised model) is a classifier: never used")
+    p = runlib.Parser(description=__doc__.split('\n\n')[0], recipes=RECIPES)
+    g = p.add_argument_group('data')
+    g.add_argument('--root', shared=True, required=True, help='CIFAR pickles, or train/<class>/* folders')
+    g.add_argument('--dataset', shared=True, default=None, choices=datasets.NAMES)
+    g.add_argument('--recipe', shared=True, default=None, choices=list(RECIPES))
+    g.add_argument('--download', shared=True)
     g.add_argument('--features', default=None, metavar='X.npy',
                    help='precomputed features (N x D, one row per training image in dataset order) instead of '
                         '--pretrained')
@@ -89,47 +100,59 @@ def parse_args(argv=None):
     g.add_argument('--image_size', type=int, default=None,
                    help='resize (shorter side to size*256/224) and centre-crop to this size (default: 32 px sets '
                         'as they are, 224 for image folders)')
-    g.add_argument('--batch_size', type=int, default=128, help='images per feature-extraction batch (global)')
-    g.add_argument('--workers', type=int, default=2, help='data-loading processes per rank')
-    g.add_argument('--dali', action=argparse.BooleanOptionalAction, default=False,
-                   help='decode image folders with NVIDIA DALI for the feature pass')
+    g.add_argument('--batch_size', shared=True, default=128, help='of the feature pass')
+    g.add_argument('--workers', shared=True, default=2)
+    g.add_argument('--dali', shared=True, help='the feature pass over image folders (resize and centre crop)')
 
-    g = p.add_argument_group('selection')
+    g = p.add_argument_group('model')
+    g.add_argument('--backbone', '--arch', shared=True, recipe=True, choices=backbones.NAMES,
+                   help='the network of --pretrained')
+    g.add_argument('--pretrained', shared=True, default=None,
+                   help='usl.py trains nothing: the self-supervised network that embeds the images, as it is (CLD, '
+                        'MoCo/MoCo-EMAN, SCAN, torchvision)')
+    g.add_argument('--use_head', action=argparse.BooleanOptionalAction, default=True,
+                   help="embed with the checkpoint's projection head when it has one (CLD 'linear', MoCo 'fc.0/fc.2' "
+                        "or a MoCo v1 query encoder's 'fc', SCAN 'contrastive_head'), as the reference does; else the "
+                        "L2-normalised pooled feature. A single linear 'fc' of any other checkpoint (torchvision "
+                        "weights, a supervised model) is a classifier: never used")
+
+    g = p.add_argument_group('method: selection')
     g.add_argument('--selection', default='usl', choices=['usl', 'random'],
                    help='usl, or the class-agnostic random baseline (np.random.seed(seed); np.random.choice(N, budget, '
                         'replace=False), the reference random-cifar.py)')
-    g.add_argument('--budget', type=int, default=40, help='number of images to label (USL.NUM_SELECTED_SAMPLES)')
+    g.add_argument('--budget', shared=True, default=40, help='USL.NUM_SELECTED_SAMPLES')
     g.add_argument('--num_centroids', type=int, default=None,
                    help='k-means clusters (default: the budget; 2501 for CIFAR budget 2500 and 12900 for ImageNet '
-                        '12820, as the reference, to absorb empty clusters)')
-    g.add_argument('--seed', type=int, default=1, help='k-means initialisation seed (reference: 1..5 on CIFAR, 0 on '
-                   'ImageNet); also the random baseline seed')
-    g.add_argument('--knn_k', type=int, default=None,
-                   help='neighbours in the density (default: 400 CIFAR, 20 ImageNet)')
+                        '12820, as the reference, to absorb empty clusters: it follows --budget)')
+    g.add_argument('--seed', shared=True, default=1,
+                   help='the k-means initialisation (reference: 1..5 on CIFAR, 0 on ImageNet) and the random baseline')
+    g.add_argument('--knn_k', type=int, recipe=True, help='neighbours in the density')
     g.add_argument('--knn_index', default='auto', choices=['auto', 'flat', 'ivf'],
                    help='faiss index for the kNN: flat = exact; ivf = inverted lists (approximate, for millions of '
                         f'points on CPU); auto = flat on GPU or up to {FLAT_KNN_MAX:,} points, else ivf')
     g.add_argument('--knn_nprobe', type=int, default=8,
                    help='lists (of ~4 sqrt(N)) visited per query by the ivf index: more = closer to exact, slower')
-    g.add_argument('--kmeans_iters', type=int, default=None, help='Lloyd iterations (default: 200 CIFAR, 100 ImageNet)')
-    g.add_argument('--reg_mode', default=None, choices=['cifar', 'imagenet'],
+    g.add_argument('--kmeans_iters', type=int, recipe=True, help='Lloyd iterations')
+
+    g = p.add_argument_group('method: regulariser')
+    g.add_argument('--reg_mode', choices=['cifar', 'imagenet'], recipe=True,
                    help='regulariser variant: cifar = all picks within a squared-distance horizon; imagenet = the '
-                        '--reg_horizon_num nearest picks (default: cifar for 32 px sets, imagenet for image folders)')
-    g.add_argument('--reg_iters', type=int, default=None,
-                   help='selection passes (REG.NITERS; 1 = density peaks only; default 10 CIFAR, 2 ImageNet)')
-    g.add_argument('--reg_lambda', type=float, default=None, help='regulariser weight (REG.W; default 0.5 CIFAR-10, '
-                   '1.0 CIFAR-100, 1.5 ImageNet)')
-    g.add_argument('--reg_momentum', type=float, default=None, help='EMA of the regulariser over passes (REG.MOMENTUM; '
-                   'default 0.9 CIFAR, 0 ImageNet)')
-    g.add_argument('--reg_alpha', type=float, default=None, help='exponent on the squared distance (REG.ALPHA; '
-                   'default 0.5 CIFAR-10 and ImageNet, 1.0 CIFAR-100)')
-    g.add_argument('--reg_horizon', type=float, default=None, help='cifar mode: picks at squared distance >= this '
-                   'are ignored (REG.HORIZON_DIST; default 4 CIFAR-10 = no horizon on the unit sphere, 1 CIFAR-100)')
-    g.add_argument('--reg_horizon_num', type=int, default=None, help='imagenet mode: number of nearest picks that '
-                   'repel (REG.HORIZON_NUM; default 128)')
-    g.add_argument('--reg_exclude_same_cluster', action=argparse.BooleanOptionalAction, default=None,
-                   help="imagenet mode: ignore the pick of a point's own cluster (REG.EXCLUDE_SAME_CLUSTER; default "
-                        "off for MoCo, the CLIP config turns it on)")
+                        '--reg_horizon_num nearest picks. The other variant than the recipe\'s takes the reg_* '
+                        'settings of that variant\'s recipe (cifar10 or imagenet), not those of this one')
+    g.add_argument('--reg_iters', type=int, recipe=True, help='selection passes (REG.NITERS; 1 = density peaks only)')
+    g.add_argument('--reg_lambda', type=float, recipe=True, help='regulariser weight (REG.W)')
+    g.add_argument('--reg_momentum', type=float, recipe=True, help='EMA of the regulariser over passes (REG.MOMENTUM)')
+    g.add_argument('--reg_alpha', type=float, recipe=True, help='exponent on the squared distance (REG.ALPHA)')
+    g.add_argument('--reg_horizon', type=float, recipe=True,
+                   help='cifar variant: picks at squared distance >= this are ignored (REG.HORIZON_DIST; 4 = no '
+                        'horizon on the unit sphere)')
+    g.add_argument('--reg_horizon_num', type=int, recipe=True,
+                   help='imagenet variant: number of nearest picks that repel (REG.HORIZON_NUM)')
+    g.add_argument('--reg_exclude_same_cluster', action=argparse.BooleanOptionalAction, recipe=True,
+                   help="imagenet variant: ignore the pick of a point's own cluster (REG.EXCLUDE_SAME_CLUSTER; the "
+                        "CLIP config turns it on)")
+    runlib.add_standard_flags(p)
+    g = p.add_argument_group('run: intermediates and outputs')
     g.add_argument('--cache_dir', default=None,
                    help='folder of reusable intermediates (default: the run folder); share it between budgets/seeds')
     g.add_argument('--recompute_all', action=argparse.BooleanOptionalAction, default=False,
@@ -137,30 +160,27 @@ def parse_args(argv=None):
     g.add_argument('--recompute_num_dep', action=argparse.BooleanOptionalAction, default=False,
                    help='recompute the budget-dependent k-means even when cached (RECOMPUTE_NUM_DEP)')
     g.add_argument('--grid_per_class', type=int, default=16, help='at most this many images per row of selected.png')
-    add_standard_flags(p)
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def resolve_args(args, name):
-    """Fill the per-dataset defaults of the reference configs; refuse flags that the chosen variant does not use."""
-    profile = PROFILES['imagenet' if name in ('imagenet', 'imagefolder') or name in datasets.FINEGRAINED
-                       else ('cifar100' if name == 'cifar100' else 'cifar10')]
-    if args.reg_mode is None:
-        args.reg_mode = profile['reg_mode']
-    mode_profile = profile if profile['reg_mode'] == args.reg_mode else \
-        {**(PROFILES['imagenet'] if args.reg_mode == 'imagenet' else PROFILES['cifar10']), 'knn_k': profile['knn_k'],
-         'kmeans_iters': profile['kmeans_iters']}
-    other = ('reg_horizon_num', 'reg_exclude_same_cluster') if args.reg_mode == 'cifar' else ('reg_horizon',)
+    """The recipe's defaults (an explicit flag wins), after refusing settings of the variant --reg_mode does not use.
+    A --reg_mode other than the recipe's first takes the regulariser settings of that variant's recipe."""
+    recipe = args.recipe or recipe_of(name)
+    mode = args.reg_mode or RECIPES[recipe]['reg_mode']
+    other = ('reg_horizon_num', 'reg_exclude_same_cluster') if mode == 'cifar' else ('reg_horizon',)
     for k in other:
         if getattr(args, k) is not None:
-            raise UserError(f"--{k} applies to --reg_mode {'imagenet' if args.reg_mode == 'cifar' else 'cifar'}, "
-                            f"not {args.reg_mode}: drop it or change --reg_mode")
-    for k, v in mode_profile.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.backbone is None:
-        args.backbone = 'cifar_resnet18' if name in ('cifar10', 'cifar100', 'svhn', 'digits') else 'resnet50'
+            raise UserError(f"--{k} applies to --reg_mode {'imagenet' if mode == 'cifar' else 'cifar'}, "
+                            f"not {mode}: drop it or change --reg_mode")
+    if mode != RECIPES[recipe]['reg_mode']:
+        variant = RECIPES[VARIANT_RECIPE[mode]]
+        for k in REG_FLAGS:
+            if getattr(args, k) is None:
+                setattr(args, k, variant[k])
+    runlib.apply_recipe(args, RECIPES, recipe)
+    for k in other:  # the other variant's settings: unused, recorded as such
+        setattr(args, k, None)
     return args
 
 
@@ -254,7 +274,7 @@ def extract_features(net, train, args, dist):
     out_f, out_i = [], []
     t0 = time.time()
     for b, (x, _, idx) in enumerate(batches):
-        with autocast(dist.device, args.amp):
+        with runlib.autocast(dist.device, args.amp):
             f = net(x.to(dist.device, non_blocking=True)).float()
         out_f.append(f)
         out_i.append(idx.to(dist.device).long())
@@ -278,75 +298,26 @@ def extract_features(net, train, args, dist):
     return feats.numpy()
 
 
-# ------------------------------------------------------------------------------------------------- faiss helpers
-def _faiss():
-    import faiss
-    return faiss
-
-
-def use_faiss_gpu(device):
-    faiss = _faiss()
-    return device.type == 'cuda' and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
-
-
-_GPU_RES = None
-
-
-def flat_index(x, gpu=False):
-    """Exact squared-L2 index over the rows of x (faiss IndexFlatL2, on the GPU when asked)."""
-    global _GPU_RES
-    faiss = _faiss()
-    index = faiss.IndexFlatL2(x.shape[1])
-    if gpu:
-        if _GPU_RES is None:
-            _GPU_RES = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_GPU_RES, torch.cuda.current_device(), index)
-    index.add(np.ascontiguousarray(x, dtype=np.float32))
-    return index
-
-
-def search(index, q, k, chunk=65536):
-    """(squared distances, ids) of the k nearest, in chunks of queries (bounded memory)."""
-    n = len(q)
-    d = np.empty((n, k), dtype=np.float32)
-    ids = np.empty((n, k), dtype=np.int64)
-    for a in range(0, n, chunk):
-        d[a:a + chunk], ids[a:a + chunk] = index.search(np.ascontiguousarray(q[a:a + chunk]), k)
-    return d, ids
-
-
 # ----------------------------------------------------------------------------------------------- kNN density (1.3)
 def knn_distances(x, k, index='flat', nprobe=8, gpu=False, seed=0, log=print):
     """Squared L2 distances (N, k) and ids to the k nearest points of every point, itself included (first, ~0).
 
-    flat: exact (the reference's KeOps Kmin_argKmin). ivf: faiss IndexIVFFlat with ~4 sqrt(N) lists trained on a
-    sample, `nprobe` lists per query: approximate, O(N^1.5) instead of O(N^2). Rows whose probed lists hold fewer
-    than k points are searched exactly."""
+    flat: exact (the reference's KeOps Kmin_argKmin). ivf: faiss IndexIVFFlat with ~4 sqrt(N) lists (at most N / 64)
+    from 5 k-means rounds on 20 points per list (a coarse quantizer is enough), `nprobe` lists per query:
+    approximate, O(N^1.5) instead of O(N^2). Rows whose probed lists hold fewer than k points are searched exactly."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, dim = x.shape
-    faiss = _faiss()
+    n = len(x)
     if index == 'flat':
-        d, ids = search(flat_index(x, gpu), x, k)
+        d, ids = neighbors.search(neighbors.flat_index(x, 'l2', gpu), x, k)
     else:
         nlist = int(min(max(1, n // 64), 4 * math.sqrt(n)))
-        quantizer = faiss.IndexFlatL2(dim)
-        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist)
-        # a coarse quantizer is enough: 5 rounds on 20 points per list
-        ivf.cp.seed, ivf.cp.niter, ivf.cp.min_points_per_centroid = seed, 5, 1
-        sample = x[np.random.RandomState(seed).permutation(n)[:min(n, 20 * nlist)]]
-        ivf.train(sample)
-        ivf.add(x)
-        ivf.nprobe = min(nprobe, nlist)
-        if gpu:
-            global _GPU_RES
-            if _GPU_RES is None:
-                _GPU_RES = faiss.StandardGpuResources()
-            ivf = faiss.index_cpu_to_gpu(_GPU_RES, torch.cuda.current_device(), ivf)
+        ivf = neighbors.ivf_index(x, 'l2', nlist=nlist, nprobe=nprobe, train_size=20 * nlist, sample_seed=seed,
+                                  kmeans_iters=5, kmeans_seed=seed, min_points_per_centroid=1, gpu=gpu)
         log(f'knn: ivf index, {nlist} lists, nprobe {min(nprobe, nlist)}')
-        d, ids = search(ivf, x, k)
+        d, ids = neighbors.search(ivf, x, k)
         short = np.flatnonzero((ids < 0).any(1))
         if len(short):
-            d[short], ids[short] = search(flat_index(x), x[short], k)
+            d[short], ids[short] = neighbors.search(neighbors.flat_index(x, 'l2'), x[short], k)
     np.maximum(d, 0, out=d)  # the ||a||^2 + ||b||^2 - 2ab form can dip below 0 for the point itself
     return d, ids
 
@@ -396,7 +367,7 @@ def kmeans(x, k, iters, seed=0, init=None, gpu=False, log=None):
         else:
             # half the distance from each centroid to its nearest other centroid: points closer than that are safe
             if len(live) > 1:
-                cd, _ = search(flat_index(c[live]), c[live], 2)
+                cd, _ = neighbors.search(neighbors.flat_index(c[live], 'l2'), c[live], 2)
                 half = np.full(k, np.inf, dtype=np.float32)
                 half[live] = 0.5 * np.sqrt(np.maximum(cd[:, 1] - sq_err, 0))
             else:
@@ -410,7 +381,7 @@ def kmeans(x, k, iters, seed=0, init=None, gpu=False, log=None):
         if len(todo):
             kk = min(2, len(live))
             if it == 0 or gpu or len(live) <= 64:
-                d, j = search(flat_index(c[live], gpu), x[todo], kk)
+                d, j = neighbors.search(neighbors.flat_index(c[live], 'l2', gpu), x[todo], kk)
             else:
                 d, j = nearest_two_pruned(xt, todo, labels[todo], upper[todo], c, live)
             new = live[j[:, 0]]
@@ -566,7 +537,7 @@ def repulsion_imagenet(x, picks, labels, horizon_num, alpha, exclude_same_cluste
     only without empty clusters); here the pick's cluster id."""
     xn = x.numpy()
     h = min(horizon_num, len(picks))
-    d_np, j_np = search(flat_index(xn[picks], gpu), xn, h, chunk)
+    d_np, j_np = neighbors.search(neighbors.flat_index(xn[picks], 'l2', gpu), xn, h, chunk)
     d, j = torch.from_numpy(d_np), torch.from_numpy(j_np)
     # recompute the small ones in the explicit form: faiss' matrix-product form does not give exact zeros
     small = torch.nonzero(d < 1e-4)
@@ -709,7 +680,7 @@ def write_outputs(run, train, picks, args, figures):
 def main(argv=None):
     args = parse_args(argv)
     dist = distributed.init(args.device)
-    seed_everything(args.seed, dist.rank, args.deterministic)
+    runlib.seed_everything(args.seed, dist.rank, args.deterministic)
     name = datasets.infer_name(args.root) if args.dataset is None else args.dataset
     args.dataset = name
     resolve_args(args, name)
@@ -731,7 +702,7 @@ def main(argv=None):
         if args.kmeans_iters < 1 or args.reg_iters < 1:
             raise UserError('--kmeans_iters and --reg_iters must be at least 1')
     labels_tag = f'{args.budget}' if args.selection == 'usl' else f'{args.budget}-random'
-    run = Run(args, 'usl', name, labels_tag, dist)  # no checkpoint: --resume auto selects again (module docstring)
+    run = runlib.Run(args, 'usl', name, labels_tag, dist)  # no checkpoint: --resume auto selects again (docstring)
     figures = {'selection': args.selection, 'budget': args.budget, 'seed': args.seed, 'dataset_size': n}
 
     if args.selection == 'random':
@@ -763,7 +734,7 @@ def main(argv=None):
                     'root': str(Path(args.root).resolve()), 'image_size': args.image_size, 'n': n}
     run.start()
     cache = Cache(args.cache_dir or run.dir, enabled=True)
-    gpu = use_faiss_gpu(dist.device)
+    gpu = neighbors.use_gpu(dist.device)
     timings = {}
     if net is not None:
         feats = None
@@ -840,4 +811,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    entry(main)
+    runlib.entry(main)

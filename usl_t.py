@@ -15,9 +15,12 @@ Launch:
     torchrun --nproc_per_node 4 usl_t.py --root ./data/cifar10 --dataset cifar10 --pretrained model.pth.tar --budget 40
     # ImageNet 0.2%: 3000 clusters, heads only, on a MoCo checkpoint (SCAN format or MoCo format)
     torchrun --nproc_per_node 8 usl_t.py --root ./imagenet --dataset imagenet --pretrained moco.pth.tar --budget 2911
-    # CPU smoke run
+    # CPU smoke run: 2 iterations (--max_iter: the whole run, selection included), or the first 2 of the full
+    # schedule (--stop_after: a checkpoint, no selection; --resume auto goes on)
     python usl_t.py --device cpu --root ./data/cifar10 --dataset cifar10 --budget 10 --batch_size 32 --max_iter 2 \
         --workers 0
+Per-dataset defaults come from RECIPES (--recipe cifar10 | cifar100 | imagenet, the reference's three configs,
+inferred from --dataset; --help prints the table).
 
 Outputs in runs/<run_name>/: checkpoint.pt (every epoch), metrics.jsonl (head-0 cluster purity as top1, NMI, ARI on
 the test split), selected.npy (cluster order), selected.csv / unselected.csv (Index, ImageID), selected.png,
@@ -36,25 +39,35 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from common import UserError
-from common import backbones, datasets, distributed, loaders, plots, splits
-from common.run import Parser, Run, add_standard_flags, autocast, check_finite, entry, grad_scaler, \
-    restore_rng_states, rng_states, seed_everything
+from common import backbones, datasets, distributed, loaders, neighbors, plots, splits
+from common import run as runlib
 
-# usl-t_pretraining/configs (cifar10, cifar100, ImageNet); None = keep the flag's own default.
+# ----------------------------------------------------------------------------------------------------------- recipes
+# The per-dataset defaults (docs/usl.md, "Recipes"; --help prints them): usl-t_pretraining/configs cifar10, cifar100
+# and ImageNet. num_clusters None ("-" in the table) = the budget.
 RECIPES = {
-    'cifar10': dict(recipe='cifar', epochs=200, batch_size=1024, head='linear', update_head_only=False,
-                    adjustment_weight=5.0, sharpen_temperature=0.25, local_loss_scale=5.0, confidence_threshold=0.95,
-                    reweight=True, reweight_renorm=False, mean_outside_mask=False, reassign_after_steps=-1,
-                    use_mean_prob=True, num_clusters=None),
-    'cifar100': dict(recipe='cifar', epochs=200, batch_size=1024, head='linear', update_head_only=False,
-                     adjustment_weight=5.0, sharpen_temperature=0.25, local_loss_scale=5.0, confidence_threshold=0.95,
-                     reweight=True, reweight_renorm=False, mean_outside_mask=True, reassign_after_steps=-1,
-                     use_mean_prob=False, num_clusters=None),
-    'imagenet': dict(recipe='imagenet', epochs=10, batch_size=2048, head='normed', update_head_only=True,
-                     adjustment_weight=2.5, sharpen_temperature=0.5, local_loss_scale=0.5, confidence_threshold=0.0,
-                     reweight=False, reweight_renorm=False, mean_outside_mask=True, reassign_after_steps=1250,
-                     use_mean_prob=True, num_clusters=3000),
+    'cifar10': dict(backbone='cifar_resnet18', epochs=200, batch_size=1024, head='linear', num_clusters=None,
+                    update_head_only=False, adjustment_weight=5.0, sharpen_temperature=0.25, local_loss_scale=5.0,
+                    confidence_threshold=0.95, reweight=True, reweight_renorm=False, mean_outside_mask=False,
+                    reassign_after_steps=-1, use_mean_prob=True, selection_mode='cifar'),
+    'cifar100': dict(backbone='cifar_resnet18', epochs=200, batch_size=1024, head='linear', num_clusters=None,
+                     update_head_only=False, adjustment_weight=5.0, sharpen_temperature=0.25, local_loss_scale=5.0,
+                     confidence_threshold=0.95, reweight=True, reweight_renorm=False, mean_outside_mask=True,
+                     reassign_after_steps=-1, use_mean_prob=False, selection_mode='cifar'),
+    'imagenet': dict(backbone='resnet50', epochs=10, batch_size=2048, head='normed', num_clusters=3000,
+                     update_head_only=True, adjustment_weight=2.5, sharpen_temperature=0.5, local_loss_scale=0.5,
+                     confidence_threshold=0.0, reweight=False, reweight_renorm=False, mean_outside_mask=True,
+                     reassign_after_steps=1250, use_mean_prob=True, selection_mode='imagenet'),
 }
+
+
+def recipe_of(name):
+    """The recipe --dataset implies: CIFAR-100's for it, CIFAR-10's for the other 32-px sets, else ImageNet's."""
+    if name not in SMALL:
+        return 'imagenet'
+    return 'cifar100' if name == 'cifar100' else 'cifar10'
+
+
 SCAN_MEAN_STD = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                  'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -67,94 +80,99 @@ FIXED = ('dataset', 'backbone', 'budget', 'num_clusters', 'num_heads', 'head', '
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split('\n\n')[0])
-    g = p.add_argument_group('data and model')
-    g.add_argument('--root', required=True, help='dataset folder')
-    g.add_argument('--dataset', default=None, choices=datasets.NAMES, help='dataset (default: from --root)')
-    g.add_argument('--download', action=argparse.BooleanOptionalAction, default=False, help='download the dataset')
-    g.add_argument('--backbone', '--arch', default=None, choices=backbones.NAMES,
-                   help='network (default: cifar_resnet18 for 32 px sets, resnet50 otherwise)')
-    g.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='PATH',
-                   help='self-supervised checkpoint (SCAN model.pth.tar, MoCo, CLD, torchvision); without it the '
-                        'backbone starts from random weights (for smoke tests only)')
+    p = runlib.Parser(description=__doc__.split('\n\n')[0], recipes=RECIPES)
+    g = p.add_argument_group('data')
+    g.add_argument('--root', shared=True, required=True)
+    g.add_argument('--dataset', shared=True, default=None, choices=datasets.NAMES)
+    g.add_argument('--recipe', shared=True, default=None, choices=list(RECIPES))
+    g.add_argument('--download', shared=True)
+    g.add_argument('--image_size', type=int, default=None, help='crop size (default: 32 px sets as they are, 224)')
+    g.add_argument('--workers', shared=True, default=4)
+
+    g = p.add_argument_group('model')
+    g.add_argument('--backbone', '--arch', shared=True, recipe=True, choices=backbones.NAMES)
+    g.add_argument('--pretrained', shared=True, default=None,
+                   help='the backbone under the clustering heads (SCAN model.pth.tar, MoCo, CLD, torchvision); '
+                        'without it the backbone starts from random weights (for smoke tests only)')
+    g.add_argument('--head', choices=['linear', 'normed'], recipe=True,
+                   help='clustering heads: linear on the backbone feature (CIFAR) or 40 * cosine on the normalised '
+                        'projection, initialised from image features (ImageNet)')
+    g.add_argument('--num_heads', type=int, default=3, help='clustering heads trained side by side')
+    g.add_argument('--num_clusters', type=int, recipe=True,
+                   help='head outputs ("-" in the recipe table: --budget, so it follows the budget)')
+
+    g = p.add_argument_group('method')
+    g.add_argument('--budget', shared=True, default=40, help='NUM_SELECTED_SAMPLES')
     g.add_argument('--neighbors', default=None, metavar='NPY',
                    help='N x (>= num_neighbors+1) neighbour ids, column 0 the image itself (SCAN '
                         'topk-train-neighbors.npy); default: mined with faiss on the normalised features')
     g.add_argument('--num_neighbors', type=int, default=20, help='neighbours sampled from (NUM_NEIGHBORS)')
-    g.add_argument('--image_size', type=int, default=None, help='crop size (default: 32 px sets as they are, 224)')
-    g.add_argument('--recipe', default=None, choices=['cifar', 'imagenet'],
-                   help='reference recipe whose defaults apply (default: imagenet for image folders, else cifar)')
-    g.add_argument('--head', default=None, choices=['linear', 'normed'],
-                   help='clustering heads: linear on the backbone feature (CIFAR) or 40 * cosine on the normalised '
-                        'projection, initialised from image features (ImageNet)')
-    g.add_argument('--num_heads', type=int, default=3, help='clustering heads trained side by side')
-    g.add_argument('--budget', type=int, default=40, help='images to select (NUM_SELECTED_SAMPLES)')
-    g.add_argument('--num_clusters', type=int, default=None,
-                   help='head outputs (default: the budget; 3000 for the ImageNet recipe)')
-
-    g = p.add_argument_group('training')
-    g.add_argument('--epochs', type=int, default=None, help='passes over the data (200 CIFAR, 10 ImageNet)')
-    g.add_argument('--max_iter', type=int, default=None, help='total steps (default: epochs x steps per epoch)')
-    g.add_argument('--batch_size', type=int, default=None, help='global batch (1024 CIFAR, 2048 ImageNet)')
-    g.add_argument('--workers', type=int, default=4, help='data-loading processes per rank')
-    g.add_argument('--lr', type=float, default=1e-4, help='Adam learning rate')
-    g.add_argument('--weight_decay', type=float, default=1e-4, help='Adam weight decay')
-    g.add_argument('--update_head_only', action=argparse.BooleanOptionalAction, default=None,
-                   help='train the heads only, backbone frozen in eval mode (ImageNet recipe)')
-    g.add_argument('--adjustment_weight', type=float, default=None, help='tau of the logit adjustment (5; 2.5)')
-    g.add_argument('--sharpen_temperature', type=float, default=None, help='sharpening T of the target (0.25; 0.5)')
-    g.add_argument('--local_loss_scale', type=float, default=None, help='weight of the local loss (5; 0.5)')
+    g.add_argument('--adjustment_weight', type=float, recipe=True, help='tau of the logit adjustment')
+    g.add_argument('--sharpen_temperature', type=float, recipe=True, help='sharpening T of the target')
+    g.add_argument('--local_loss_scale', type=float, recipe=True, help='weight of the local loss')
     g.add_argument('--local_loss_off_epoch', type=int, default=None,
-                   help='drop the local loss from this epoch on (TURN_OFF_LOCAL_LOSS_AFTER_EPOCH; default never)')
-    g.add_argument('--global_start_epoch', type=int, default=0, help='global loss from this epoch on')
-    g.add_argument('--confidence_threshold', type=float, default=None, help='global-loss mask (0.95; 0.0)')
-    g.add_argument('--reweight', action=argparse.BooleanOptionalAction, default=None,
+                   help='drop the local loss from this epoch of the schedule on (TURN_OFF_LOCAL_LOSS_AFTER_EPOCH; '
+                        'default never)')
+    g.add_argument('--global_start_epoch', type=int, default=0, help='global loss from this epoch of the schedule on')
+    g.add_argument('--confidence_threshold', type=float, recipe=True, help='global-loss mask')
+    g.add_argument('--reweight', action=argparse.BooleanOptionalAction, recipe=True,
                    help='global loss: weight cluster k by n / count_k (REWEIGHT)')
-    g.add_argument('--reweight_renorm', action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument('--reweight_renorm', action=argparse.BooleanOptionalAction, recipe=True,
                    help='global loss: weight n / (U count_k), U = clusters present (overrides --reweight)')
-    g.add_argument('--mean_outside_mask', action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument('--mean_outside_mask', action=argparse.BooleanOptionalAction, recipe=True,
                    help='global loss: divide by the batch size, not by the masked weight sum')
-    g.add_argument('--reassign_after_steps', type=int, default=None,
-                   help='ImageNet: from this step on, move an almost empty cluster onto the largest one '
-                        '(negative = never; 1250 ImageNet recipe)')
+    g.add_argument('--reassign_after_steps', type=int, recipe=True,
+                   help='from this step on, move an almost empty cluster onto the largest one (negative = never)')
     g.add_argument('--count_ema_min', type=float, default=100, help='re-seed when the smallest count is below this')
     g.add_argument('--count_ema_max', type=float, default=1000, help='... and the largest above this')
-    g.add_argument('--seed', type=int, default=42, help='random seed')
-    g.add_argument('--eval_interval', type=int, default=None,
-                   help='steps between cluster evaluations on the test split (default: once per epoch)')
 
-    g = p.add_argument_group('selection')
+    g = p.add_argument_group('method: selection')
     g.add_argument('--head_in_use', type=int, default=0, help='head whose clusters select (HEAD_IN_USE)')
-    g.add_argument('--use_mean_prob', action=argparse.BooleanOptionalAction, default=None,
-                   help='CIFAR: confidence = mean over heads of their max probability (else the head in use)')
-    g.add_argument('--selection_mode', default=None, choices=['cifar', 'imagenet'],
+    g.add_argument('--use_mean_prob', action=argparse.BooleanOptionalAction, recipe=True,
+                   help='cifar selection: confidence = mean over heads of their max probability (else the head in '
+                        'use)')
+    g.add_argument('--selection_mode', choices=['cifar', 'imagenet'], recipe=True,
                    help='cifar: most confident image per cluster; imagenet: densest image of the budget largest '
-                        'clusters plus pseudo-labels (default: from the recipe)')
+                        'clusters plus pseudo-labels')
     g.add_argument('--knn_k', type=int, default=20, help='imagenet selection: neighbours in the density')
     g.add_argument('--pseudo_per_cluster', type=int, default=20,
                    help='imagenet selection: densest images per cluster that get the queried label')
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', shared=True, recipe=True,
+                   help='with --max_iter, the schedule\'s length in epochs (--local_loss_off_epoch, '
+                        '--global_start_epoch)')
+    g.add_argument('--max_iter', shared=True, default=None,
+                   help='overrides --epochs x steps per epoch; an epoch of the schedule is then max_iter / epochs '
+                        'iterations (default: --epochs x steps per epoch)')
+    g.add_argument('--stop_after', shared=True, default=None, help='a checkpoint there, no selection')
+    g.add_argument('--batch_size', shared=True, recipe=True)
+    g.add_argument('--lr', shared=True, default=1e-4, help='Adam (constant)')
+    g.add_argument('--weight_decay', shared=True, default=1e-4, help='Adam')
+    g.add_argument('--update_head_only', action=argparse.BooleanOptionalAction, recipe=True,
+                   help='train the heads only, backbone frozen in eval mode')
+    g.add_argument('--seed', shared=True, default=42)
+    g.add_argument('--eval_interval', shared=True, default=None,
+                   help='cluster evaluations on the test split (default: once per pass over the data)')
+    runlib.add_standard_flags(p)
+    g = p.add_argument_group('run: outputs')
     g.add_argument('--grid_per_class', type=int, default=16, help='at most this many images per row of selected.png')
-    add_standard_flags(p)
     args = p.parse_args(argv)
     if not 0 <= args.lr < MAX_LR:
         raise UserError(f"--lr {args.lr} must lie in [0, {MAX_LR:.3g}): Adam's first step, 10 x lr, is a float32")
     if args.weight_decay < 0:
         raise UserError(f'--weight_decay {args.weight_decay} must be at least 0')
+    for k in ('max_iter', 'stop_after', 'epochs', 'eval_interval'):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UserError(f'--{k} must be at least 1, not {getattr(args, k)}')
     return args
 
 
 def resolve_args(args, name):
-    key = 'imagenet' if (args.recipe == 'imagenet' or (args.recipe is None and name not in SMALL)) else \
-        ('cifar100' if name == 'cifar100' else 'cifar10')
-    for k, v in RECIPES[key].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    """The recipe's defaults (an explicit flag wins); --num_clusters left open by the recipe is the budget."""
+    runlib.apply_recipe(args, RECIPES, args.recipe or recipe_of(name))
     if args.num_clusters is None:
         args.num_clusters = args.budget
-    if args.selection_mode is None:
-        args.selection_mode = args.recipe
-    if args.backbone is None:
-        args.backbone = 'cifar_resnet18' if name in SMALL else 'resnet50'
     return args
 
 
@@ -239,8 +257,8 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
 
 
-def transforms_for(name, recipe, image_size):
-    """(standard view, strong view): SCAN CIFAR views, or MoCo-v2 views for image folders."""
+def transforms_for(name, scan_views, image_size):
+    """(standard view, strong view): SCAN's CIFAR views (the cifar recipes), or MoCo-v2 views (the imagenet one)."""
     import torchvision.transforms as T
     mean, std = SCAN_MEAN_STD.get(name, IMAGENET_MEAN_STD if name not in SMALL else
                                   datasets.MEAN_STD.get(name, IMAGENET_MEAN_STD))
@@ -251,7 +269,7 @@ def transforms_for(name, recipe, image_size):
     else:
         size = image_size or 224
         standard = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] + norm)
-    if recipe == 'cifar':
+    if scan_views:
         strong = T.Compose(([] if name in SMALL and image_size is None else [T.Resize(size), T.CenterCrop(size)])
                            + [T.RandomHorizontalFlip(), T.RandomCrop(size), Augment(4)] + norm
                            + [Cutout(max(1, size // 2))])
@@ -417,26 +435,23 @@ def reassign_clusters(head, count_ema, min_th, max_th, generator=None):
 
 
 # --------------------------------------------------------------------------------------------------- neighbours
-def knn_ids(feats, k, gpu=False):
-    """ids (N, k) of the k most similar rows by inner product on normalised features (SCAN: faiss IndexFlatIP;
-    inverted lists above 200,000 rows on CPU), column 0 forced to be the row itself."""
-    import faiss
-    x = np.ascontiguousarray(F.normalize(torch.as_tensor(feats).float(), dim=1).numpy())
-    n, dim = x.shape
+def ivf_or_flat(x, metric, gpu):
+    """SCAN's index: exact (flat) on a GPU or up to 200,000 rows, else inverted lists (4 sqrt(N) lists from 5 k-means
+    rounds on 20 rows per list, 8 probed per query)."""
+    n = len(x)
     if gpu or n <= 200_000:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        nlist = int(4 * math.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter, index.cp.min_points_per_centroid = 5, 1
-        index.train(x[np.random.RandomState(0).permutation(n)[:20 * nlist]])
-        index.nprobe = 8
-    if gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), torch.cuda.current_device(), index)
-    index.add(x)
-    ids = np.empty((n, k), dtype=np.int64)
-    for a in range(0, n, 65536):
-        ids[a:a + 65536] = index.search(x[a:a + 65536], k)[1]
+        return neighbors.flat_index(x, metric, gpu)
+    nlist = int(4 * math.sqrt(n))
+    return neighbors.ivf_index(x, metric, nlist=nlist, nprobe=8, train_size=20 * nlist, kmeans_iters=5,
+                               min_points_per_centroid=1)
+
+
+def knn_ids(feats, k, gpu=False):
+    """ids (N, k) of the k most similar rows by inner product on normalised features (SCAN: faiss IndexFlatIP),
+    column 0 forced to be the row itself."""
+    x = np.ascontiguousarray(F.normalize(torch.as_tensor(feats).float(), dim=1).numpy())
+    n = len(x)
+    ids = neighbors.search(ivf_or_flat(x, 'ip', gpu), x, k)[1]
     own = np.arange(n)[:, None]
     keep = (ids != own) & (ids >= 0)
     keep[keep.sum(1) == k, -1] = False          # the row itself was not found: drop the farthest instead
@@ -450,37 +465,25 @@ def knn_ids(feats, k, gpu=False):
     return out
 
 
-def knn_mean_dist(x, k):
-    """Mean squared L2 distance to the k nearest rows (self included), the USL density of 1.3: exact (faiss
-    IndexFlatL2) up to 200,000 rows, an inverted-file index (approximate) above, as usl.py does on CPU."""
-    import faiss
+def knn_mean_dist(x, k, gpu=False):
+    """Mean squared L2 distance to the k nearest rows (self included), the USL density of 1.3."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, dim = x.shape
-    if n <= 200_000:
-        index = faiss.IndexFlatL2(dim)
-    else:
-        nlist = int(4 * math.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
-        index.cp.niter, index.cp.min_points_per_centroid = 5, 1
-        index.train(x[np.random.RandomState(0).permutation(n)[:20 * nlist]])
-        index.nprobe = 8
-    index.add(x)
-    d = np.concatenate([index.search(x[a:a + 65536], k)[0] for a in range(0, n, 65536)])
+    d = neighbors.search(ivf_or_flat(x, 'l2', gpu), x, k)[0]
     d = np.where(d > 1e30, np.nan, np.maximum(d, 0))  # lists too short for k: average what was found
     return np.nanmean(d, axis=1)
 
 
 @torch.no_grad()
-def embed(model, dataset, batch_size, workers, device, amp, what='features'):
+def embed(net, dataset, batch_size, workers, device, amp, what='features'):
     """In-order outputs over a dataset on this process: features, or the list of per-head logits."""
     out = []
     for x, _, _ in loaders.eval_loader(dataset, batch_size, workers):
-        with autocast(device, amp):
+        with runlib.autocast(device, amp):
             x = x.to(device, non_blocking=True)
             if what == 'features':
-                out.append(model.features(x).float().cpu())
+                out.append(net.features(x).float().cpu())
             else:
-                out.append(torch.stack([z.float() for z in model(x)]).cpu())
+                out.append(torch.stack([z.float() for z in net(x)]).cpu())
     return torch.cat(out, dim=0 if what == 'features' else 1)
 
 
@@ -553,6 +556,13 @@ def cluster_metrics(pred, targets):
                 ari=float(adjusted_rand_score(targets, pred)), clusters=int((table.sum(1) > 0).sum()))
 
 
+def schedule_epoch(step, total, epochs):
+    """The epoch of the schedule (--local_loss_off_epoch, --global_start_epoch) that iteration `step` (from 0) of
+    `total` lies in: `epochs` of total / epochs iterations each, i.e. passes over the data unless --max_iter
+    stretches or shrinks them."""
+    return step * epochs // total
+
+
 def restore(state, parts):
     """Load the checkpoint's entries into this command's objects: an entry that does not fit is one line, not a
     traceback."""
@@ -568,7 +578,7 @@ def restore(state, parts):
 def main(argv=None):
     args = parse_args(argv)
     dist = distributed.init(args.device)
-    seed_everything(args.seed, dist.rank, args.deterministic)
+    runlib.seed_everything(args.seed, dist.rank, args.deterministic)
     name = datasets.infer_name(args.root) if args.dataset is None else args.dataset
     args.dataset = name
     resolve_args(args, name)
@@ -584,45 +594,46 @@ def main(argv=None):
     if args.num_neighbors < 1 or args.num_neighbors + 1 > n:
         raise UserError(f'--num_neighbors {args.num_neighbors} needs more than {args.num_neighbors} training images')
     # Adam's state holds the learning rate and the weight decay: on resume the checkpoint's win.
-    run = Run(args, 'usl_t', name, args.budget, dist, fixed=FIXED, kept=('lr', 'weight_decay'))
+    run = runlib.Run(args, 'usl_t', name, args.budget, dist, fixed=FIXED, kept=('lr', 'weight_decay'))
     device = dist.device
+    nn_gpu = neighbors.use_gpu(device)  # faiss on the GPU for the neighbours and the density
 
-    # model
+    # network
     backbone = backbones.build(args.backbone, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint)
     if args.pretrained is None and dist.is_main:
         print('note: no --pretrained checkpoint: the backbone is random, the clusters will mean little', flush=True)
     projection = projection_head(backbone.pretrained_extra) if args.head == 'normed' else None
     if args.head == 'normed' and projection is None and dist.is_main:
         print('note: the checkpoint has no projection head: the normed heads sit on the pooled feature', flush=True)
-    model = ClusteringModel(backbone, args.num_clusters, args.num_heads, args.head, projection).to(device)
-    standard, strong = transforms_for(name, args.recipe, args.image_size)
+    net = ClusteringModel(backbone, args.num_clusters, args.num_heads, args.head, projection).to(device)
+    standard, strong = transforms_for(name, args.recipe != 'imagenet', args.image_size)
     plain_train = train.subset(np.arange(n), transform=standard)
     test.transform = standard
 
     # neighbours (SCAN's mined file, or mined here on the pretrained features)
     if args.neighbors is not None:
         try:
-            neighbors = np.load(args.neighbors, allow_pickle=False)
+            neighbor_ids = np.load(args.neighbors, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f'cannot read --neighbors {args.neighbors}: {e}') from None
-        if neighbors.ndim != 2 or len(neighbors) != n or neighbors.shape[1] < args.num_neighbors + 1 \
-                or neighbors.min() < 0 or neighbors.max() >= n:
-            raise UserError(f'--neighbors {args.neighbors} has shape {neighbors.shape}: it needs {n} rows of at least '
-                            f'{args.num_neighbors + 1} ids in 0..{n - 1} (column 0 = the image itself)')
-        neighbors = neighbors[:, :args.num_neighbors + 1].astype(np.int64)
+        if neighbor_ids.ndim != 2 or len(neighbor_ids) != n or neighbor_ids.shape[1] < args.num_neighbors + 1 \
+                or neighbor_ids.min() < 0 or neighbor_ids.max() >= n:
+            raise UserError(f'--neighbors {args.neighbors} has shape {neighbor_ids.shape}: it needs {n} rows of at '
+                            f'least {args.num_neighbors + 1} ids in 0..{n - 1} (column 0 = the image itself)')
+        neighbor_ids = neighbor_ids[:, :args.num_neighbors + 1].astype(np.int64)
     elif run.resume_state is not None:
-        neighbors = run.resume_state['neighbors'].numpy()
+        neighbor_ids = run.resume_state['neighbors'].numpy()
     else:
         t0 = time.time()
-        model.eval()
-        feats = embed(model, plain_train, 256, args.workers, device, args.amp)
+        net.eval()
+        feats = embed(net, plain_train, 256, args.workers, device, args.amp)
         contrastive = projection_head(backbone.pretrained_extra) if projection is None else None
         if contrastive is not None:  # SCAN mines on the contrastive features
             with torch.no_grad():
                 feats = F.normalize(contrastive(feats), dim=1)
-        neighbors = knn_ids(feats, args.num_neighbors + 1, gpu=False)
-        neighbors = torch.from_numpy(neighbors)
-        neighbors = distributed.broadcast_object(neighbors).numpy()
+        neighbor_ids = knn_ids(feats, args.num_neighbors + 1, gpu=nn_gpu)
+        neighbor_ids = torch.from_numpy(neighbor_ids)
+        neighbor_ids = distributed.broadcast_object(neighbor_ids).numpy()
         if dist.is_main:
             print(f'neighbours: {args.num_neighbors} mined with faiss ({time.time() - t0:.1f} s)', flush=True)
 
@@ -630,17 +641,17 @@ def main(argv=None):
     if args.head == 'normed' and run.resume_state is None:
         g = np.random.RandomState(args.seed)
         rows = g.choice(n, args.num_heads * args.num_clusters, replace=args.num_heads * args.num_clusters > n)
-        model.eval()
-        f = embed(model, train.subset(rows, transform=standard), 256, args.workers, device, args.amp)
-        for h, head in enumerate(model.heads):
+        net.eval()
+        f = embed(net, train.subset(rows, transform=standard), 256, args.workers, device, args.amp)
+        for h, head in enumerate(net.heads):
             head.weight.data.copy_(F.normalize(f[h * args.num_clusters:(h + 1) * args.num_clusters], dim=1))
 
-    params = [p for hd in model.heads for p in hd.parameters()] if args.update_head_only else list(model.parameters())
+    params = [p for hd in net.heads for p in hd.parameters()] if args.update_head_only else list(net.parameters())
     if args.update_head_only:
-        for p in model.backbone.parameters():
+        for p in net.backbone.parameters():
             p.requires_grad_(False)
-        if model.projection is not None:
-            for p in model.projection.parameters():
+        if net.projection is not None:
+            for p in net.projection.parameters():
                 p.requires_grad_(False)
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     local_loss = LocalLoss(args.num_clusters, args.num_heads, args.adjustment_weight,
@@ -648,36 +659,36 @@ def main(argv=None):
     global_loss = GlobalLoss(args.confidence_threshold, args.reweight, args.reweight_renorm, args.mean_outside_mask,
                              args.num_clusters, args.num_heads, count_ema=args.reassign_after_steps >= 0,
                              data_len=n).to(device)
-    scaler = grad_scaler(device, args.amp)
-    ddp_model = distributed.wrap(model, dist)
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
-    stream = loaders.BatchStream(LocalGlobalSet(train, neighbors, standard, strong), args.batch_size, args.seed,
+    scaler = runlib.grad_scaler(device, args.amp)
+    model = distributed.wrap(net, dist)
+    forward = torch.compile(model) if args.compile else model
+    stream = loaders.BatchStream(LocalGlobalSet(train, neighbor_ids, standard, strong), args.batch_size, args.seed,
                                   args.workers, dist.rank, dist.world_size)
     steps_per_epoch = stream.batches_per_pass
     total = args.max_iter if args.max_iter is not None else args.epochs * steps_per_epoch
+    stop = min(total, args.stop_after) if args.stop_after else total
     eval_every = args.eval_interval or steps_per_epoch
     step = 0
     if run.resume_state is not None:
         st = run.resume_state
-        restore(st, {'model': model, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
+        restore(st, {'model': net, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
                      'global_loss': global_loss, 'stream': stream})
         step = int(st['step'])
-        restore_rng_states(st['rng'], dist.rank, lambda: seed_everything(args.seed + 1000 * step, dist.rank,
-                                                                         args.deterministic))
+        runlib.restore_rng_states(st['rng'], dist.rank, lambda: runlib.seed_everything(
+            args.seed + 1000 * step, dist.rank, args.deterministic))
         if dist.is_main:
             print(f'resumed at step {step}', flush=True)
     run.start()
 
     def save():
-        run.save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+        run.save_checkpoint({'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
                              'scaler': scaler.state_dict(), 'local_loss': local_loss.state_dict(),
                              'global_loss': global_loss.state_dict(), 'stream': stream.state_dict(),
-                             'rng': rng_states(), 'step': step, 'neighbors': torch.from_numpy(neighbors)})
+                             'rng': runlib.rng_states(), 'step': step, 'neighbors': torch.from_numpy(neighbor_ids)})
 
     def evaluate():
-        model.eval()
-        logits = embed(model, test, 256, args.workers, device, args.amp, what='logits')
+        net.eval()
+        logits = embed(net, test, 256, args.workers, device, args.amp, what='logits')
         stats = [cluster_metrics(z.argmax(1).numpy(), test.targets) for z in logits]
         h = stats[args.head_in_use]
         run.log_eval(step, h['purity'], None, nmi=h['nmi'], ari=h['ari'], clusters=h['clusters'],
@@ -685,22 +696,22 @@ def main(argv=None):
         run.log(step, {'test/nmi': h['nmi'], 'test/ari': h['ari'], 'test/clusters': h['clusters']})
 
     # training (one optimiser step per batch; losses summed over heads)
-    while step < total:
-        epoch = step // steps_per_epoch
+    while step < stop:
+        epoch = schedule_epoch(step, total, args.epochs)
         t_data = time.time()
         (x_std, x_aug, x_nb), _, _ = next(stream)
         x_std, x_aug, x_nb = (v.to(device, non_blocking=True) for v in (x_std, x_aug, x_nb))
         data_s = time.time() - t_data
         if args.update_head_only:
-            model.eval()  # frozen backbone: BN statistics stay
+            net.eval()  # frozen backbone: BN statistics stay
         else:
-            model.train()  # BN in train mode for all three passes, as the reference
-        with autocast(device, args.amp):
+            net.train()  # BN in train mode for all three passes, as the reference
+        with runlib.autocast(device, args.amp):
             with torch.no_grad():
-                z_w = model(x_std)
-            z_s = ddp_model(x_aug)
+                z_w = net(x_std)
+            z_s = forward(x_aug)
             with torch.no_grad():
-                z_n = model(x_nb)
+                z_n = net(x_nb)
         use_local = args.local_loss_off_epoch is None or epoch < args.local_loss_off_epoch
         use_global = epoch >= args.global_start_epoch
         losses_g, losses_l = [], []
@@ -712,14 +723,14 @@ def main(argv=None):
         loss_g = torch.stack(losses_g).sum() if losses_g else torch.zeros((), device=device)
         loss_l = torch.stack(losses_l).sum() if losses_l else torch.zeros((), device=device)
         loss = loss_g + args.local_loss_scale * loss_l
-        check_finite(loss.detach(), step + 1, run)  # iterations count from 1, as in the logs
+        runlib.check_finite(loss.detach(), step + 1, run)  # iterations count from 1, as in the logs
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         step += 1
         if args.reassign_after_steps >= 0 and step > args.reassign_after_steps:
-            for h, head in enumerate(model.heads):
+            for h, head in enumerate(net.heads):
                 reassign_clusters(head, global_loss.count_ema[h], args.count_ema_min, args.count_ema_max)
         with torch.no_grad():
             mask_rate = float((F.softmax(z_w[args.head_in_use].float(), 1).max(1).values
@@ -729,24 +740,27 @@ def main(argv=None):
         run.progress(step, total, loss=loss.item(), local=loss_l.item(), glob=loss_g.item(), mask=mask_rate)
         if step % eval_every == 0 or step == total:
             evaluate()
-        if step % steps_per_epoch == 0 or step == total:
+        if step % steps_per_epoch == 0 or step == stop:
             save()
+    if stop < total:
+        run.stop(step, total)  # the checkpoint is written; no selection, no summary.json
+        return
 
     # selection from the trained heads (2.6), on the main process
     if not dist.is_main:
         return
-    model.eval()
+    net.eval()
     figures = {'selection_mode': args.selection_mode, 'budget': args.budget, 'iters': step}
     if args.selection_mode == 'cifar':
-        probs = F.softmax(embed(model, plain_train, 256, args.workers, device, args.amp, what='logits'), dim=2)
+        probs = F.softmax(embed(net, plain_train, 256, args.workers, device, args.amp, what='logits'), dim=2)
         picks, pred, _ = select_cifar(probs, args.head_in_use, args.budget, args.use_mean_prob)
         sizes = np.bincount(pred, minlength=args.num_clusters)
         figures['empty_clusters'] = int((sizes[:args.budget] == 0).sum())
     else:
-        feats = embed(model, plain_train, 256, args.workers, device, args.amp)
-        logits = model.heads[args.head_in_use](feats.to(device)).cpu()
+        feats = embed(net, plain_train, 256, args.workers, device, args.amp)
+        logits = net.heads[args.head_in_use](feats.to(device)).cpu()
         pred = logits.argmax(1).numpy()
-        mean_dist = knn_mean_dist(feats.numpy(), min(args.knn_k, n))
+        mean_dist = knn_mean_dist(feats.numpy(), min(args.knn_k, n), nn_gpu)
         picks, pseudo_idx, pseudo_lab = select_imagenet(pred, mean_dist, train.targets, args.budget,
                                                         args.pseudo_per_cluster)
         if len(picks) < args.budget and dist.is_main:
@@ -763,4 +777,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    entry(main)
+    runlib.entry(main)

@@ -167,6 +167,7 @@ def child(spec):
         torch.set_num_threads(spec['threads'])
         faiss.omp_set_num_threads(spec['threads'])
     import usl
+    from common import neighbors
     if spec['data'] == 'synthetic':
         x = synthetic(spec['n'], spec['blobs'])
     else:
@@ -196,7 +197,7 @@ def child(spec):
         t['peak_gb'] = ru.ru_maxrss / 2 ** 20
         if spec.get('recall') and index == 'ivf':  # after the peak is read: the exact check holds a second copy
             q = np.random.RandomState(0).permutation(len(x))[:2000]
-            de, _ = usl.search(usl.flat_index(x), x[q], spec['knn_k'])
+            de, _ = neighbors.search(neighbors.flat_index(x, 'l2'), x[q], spec['knn_k'])
             t['knn_mean_dist_rel_err'] = float(np.median(np.abs(d[q].mean(1) - np.maximum(de, 0).mean(1))
                                                          / np.maximum(de, 0).mean(1)))
     else:

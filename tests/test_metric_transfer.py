@@ -77,6 +77,50 @@ def test_sgdr_restarts_and_ends_at_its_minimum():
         [0.01, 0.001, 0.001, 0.0001])
 
 
+def test_max_iter_stretches_the_epoch_schedule():
+    # lemniscate's multi-step: x0.1 at 60% and 80% of --epochs (120 and 160 of 200). A run of --max_iter 1000 with
+    # --epochs 200 keeps the shape: an epoch of the schedule is 1000 / 200 = 5 iterations, the steps fall at 600, 800
+    args = types.SimpleNamespace(pretrain_scheduler="multi-step", pretrain_lr=0.03)
+    assert [mt.pretrain_lr(s, 1000, 200, args) for s in (599, 600, 799, 800)] == pytest.approx(
+        [0.03, 0.003, 0.003, 0.0003])
+    # twice the iterations: the same learning rate at twice the step, for every schedule
+    for name in ("multi-step", "cosine", "cosine-with-restart"):
+        args.pretrain_scheduler = name
+        assert [mt.pretrain_lr(2 * s, 2000, 200, args) for s in range(0, 1000, 37)] == pytest.approx(
+            [mt.pretrain_lr(s, 1000, 200, args) for s in range(0, 1000, 37)]), name
+
+
+class _TrainSet:
+    def __init__(self, n, classes):
+        self.n, self.num_classes = n, classes
+
+    def __len__(self):
+        return self.n
+
+
+def test_recipe_inferred_or_explicit_and_an_explicit_flag_wins():
+    def resolved(*argv, dataset="cifar10", n=50000, classes=10):
+        args = mt.parse_args(["--root", "data", "--dataset", dataset, *argv])
+        mt.set_defaults(args, _TrainSet(n, classes))
+        return args
+
+    a = resolved()
+    assert a.recipe == "cifar" and (a.backbone, a.batch_size, a.nce_k, a.finetune_iters) == ("wrn28_2", 128, 0, 500_000)
+    assert a.num_labeled == 500
+    a = resolved(dataset="imagenet", n=1_281_167, classes=1000)
+    assert a.recipe == "imagenet" and (a.backbone, a.nce_k, a.weight_decay, a.lr_scheduler) == (
+        "resnet50", 4096, 0.0, "multi-step") and a.num_labeled == 13000
+    a = resolved("--recipe", "imagenet")  # explicit: the ImageNet column on CIFAR-10
+    assert a.recipe == "imagenet" and a.batch_size == 256 and a.pseudo_ratio == 0.1
+    a = resolved("--recipe", "imagenet", "--batch_size", "64", "--nce_k", "0", "--weight_decay", "1e-3")
+    assert (a.batch_size, a.nce_k, a.weight_decay, a.nce_t) == (64, 0, 1e-3, 0.07)
+    a = resolved(dataset="cub200", n=5994, classes=200)  # another image folder: 1% rounded up per class
+    assert a.recipe == "imagenet" and a.num_labeled == 200
+    # the reference's --eval_freq counts iterations (cifar-semi.py): a plain alias
+    assert mt.parse_args(["--eval_freq", "7"]).eval_interval == 7
+    assert mt.parse_args(["--max_iters", "9"]).max_iter == 9
+
+
 # ------------------------------------------------------------------------------------------------ stage B math
 def unit(*rows):
     a = np.array(rows, dtype=np.float32)
@@ -280,6 +324,8 @@ def test_stage_all_then_spectral_propagation_on_the_same_folder(base_run, cifar)
     assert (p["pseudo_weights"][:-1] >= p["pseudo_weights"][1:]).all()  # most confident first
     stages = [json.loads(line).get("stage") for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert stages == ["pretrain", "finetune"]
+    flags = json.loads((folder / "args.json").read_text())["flags"]
+    assert flags["recipe"] == "cifar" and flags["batch_size"] == 8 and flags["nce_k"] == 0  # inferred, the flag wins
 
     # a later stage on the same folder without --num_labeled keeps the folder's split
     again = run_script("metric_transfer.py", "--stage", "propagate", "--propagation", "spectral", "--root", cifar,
@@ -310,12 +356,21 @@ def metrics(folder):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
-def test_pretrain_resume_equals_an_uninterrupted_run(cifar, tmp_path, one_thread):
+def test_pretrain_resume_equals_an_uninterrupted_run(cifar, tmp_path, one_thread, capsys):
     flags = ["--stage", "pretrain", "--root", str(cifar), "--num_labeled", "20", "--nce_k", "16", "--max_iter", "4",
              "--eval_interval", "2", "--deterministic", "--logdir", str(tmp_path), *COMMON]
     mt.main([*flags, "--run_name", "whole"])
+    capsys.readouterr()
     mt.main([*flags, "--run_name", "cut", "--stop_after", "2"])
+    assert "[cut] stopped after iteration 2 of 4 (--stop_after); continue with --resume auto" in capsys.readouterr().out
     assert not (tmp_path / "cut/pretrain.pt").exists()
+    # stopped with the schedule of the 4-iteration run (SGDR over the recipe's 1270 epochs stretched to 4
+    # iterations), not that of a 2-iteration run: the learning rate of its last step is the full run's
+    cut = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
+    schedule = types.SimpleNamespace(pretrain_scheduler="cosine-with-restart", pretrain_lr=0.03)
+    assert (cut["step"], cut["total"]) == (2, 4)
+    assert cut["optimizer"]["param_groups"][0]["lr"] == pytest.approx(mt.pretrain_lr(1, 4, 1270, schedule))
+    assert mt.pretrain_lr(1, 4, 1270, schedule) != pytest.approx(mt.pretrain_lr(1, 2, 1270, schedule))
     mt.main([*flags, "--run_name", "cut", "--resume", "auto"])
     a = torch.load(tmp_path / "whole/pretrain.pt", weights_only=True)
     b = torch.load(tmp_path / "cut/pretrain.pt", weights_only=True)
@@ -490,7 +545,7 @@ def test_bad_inputs_in_process(base_run, cifar, tmp_path):
     seeds = tmp_path / "seeds.npy"
     np.save(seeds, np.flatnonzero(train_y != 7)[:30])
     with pytest.raises(UserError, match="no labeled seed for class 7"):
-        mt.main(["--stage", "propagate", "--labeled_file", str(seeds), "--pretrained", str(folder / "pretrain.pt"),
+        mt.main(["--stage", "propagate", "--labeled_file", str(seeds), "--metric_net", str(folder / "pretrain.pt"),
                  "--run_name", "b", *base])
     with pytest.raises(UserError, match="no labeled seed to some of the 10 classes"):
         mt.main(["--stage", "propagate", "--num_labeled", "5", "--run_name", "c", *base])
@@ -518,6 +573,12 @@ def test_dali_subset_stream_maps_rows_back_to_the_full_set(tmp_path):
     x, y, idx = next(iter(stream))
     assert x.shape == (3, 3, 32, 32) and sorted(idx.tolist()) == [2, 5, 9]
     assert {int(i): int(v) for i, v in zip(idx, y)} == {9: 1, 2: 0, 5: 2}  # the labels passed (pseudo-labels)
+    # stage A's training view crops with --transform_scale, as the torchvision path; stage C's with DALI's default
+    crops = mt.DaliSet(train, rows, [1, 0, 2], "train", 3, args, dist, seed=0, area=(0.2, 1.0))
+    assert crops.stream.area == [0.2, 1.0] and len(crops) == 1
+    x, _, _ = next(crops)
+    assert x.shape == (3, 3, 32, 32)
+    assert mt.DaliSet(train, rows, [1, 0, 2], "train", 3, args, dist, seed=0).stream.area == [0.08, 1.0]
 
 
 def test_failed_inputs_leave_no_run_folder(base_run, cifar, tmp_path):
@@ -526,8 +587,15 @@ def test_failed_inputs_leave_no_run_folder(base_run, cifar, tmp_path):
     base = ["--root", cifar, "--num_labeled", "20", "--logdir", tmp_path, "--run_name", "r", *COMMON]
     wrong = tmp_path / "resnet18.pt"
     torch.save(mt.backbones.build("resnet18").state_dict(), wrong)
-    assert_user_error(cli(mt.main, *base, "--stage", "propagate", "--pretrained", tmp_path / "missing.pt"),
-                      "--pretrained", "missing.pt: no such file")
+    assert_user_error(cli(mt.main, *base, "--stage", "propagate", "--metric_net", tmp_path / "missing.pt"),
+                      "--metric_net", "missing.pt: no such file")
+    assert_user_error(cli(mt.main, *base, "--stage", "finetune", "--pretrained", tmp_path / "missing.pt",
+                          "--pseudo_file", folder / "pseudo_labels_knn.pt"), "--pretrained", "missing.pt: no such file")
+    # --pretrained initialises a network this command trains; --metric_net is what stage A makes
+    assert_user_error(cli(mt.main, *base, "--stage", "propagate", "--pretrained", folder / "pretrain.pt"),
+                      "--stage propagate trains none", "--metric_net PATH")
+    assert_user_error(cli(mt.main, *base, "--stage", "all", "--metric_net", folder / "pretrain.pt"),
+                      "--metric_net replaces what stage A makes")
     assert_user_error(cli(mt.main, *base, "--stage", "all", "--pretrained", wrong),
                       "resnet18.pt looks like a checkpoint for another network, not wrn28_2")
     assert_user_error(cli(mt.main, *base, "--stage", "finetune", "--pretrained", wrong, "--pseudo_file",

@@ -136,6 +136,46 @@ def test_cluster_argmax_order_ties_and_empty_clusters():
     assert usl.cluster_argmax(u, labels, 3, 1).tolist() == [1]
 
 
+# ------------------------------------------------------------------------------------------------------ recipes
+def resolved(*argv, dataset='cifar10'):
+    return usl.resolve_args(usl.parse_args(['--root', 'data', *[str(a) for a in argv]]), dataset)
+
+
+def test_recipe_inferred_or_explicit_and_an_explicit_flag_wins():
+    a = resolved()
+    assert a.recipe == 'cifar10' and (a.backbone, a.knn_k, a.kmeans_iters, a.reg_mode, a.reg_lambda, a.reg_horizon) \
+        == ('cifar_resnet18', 400, 200, 'cifar', 0.5, 4.0)
+    a = resolved(dataset='cifar100')
+    assert a.recipe == 'cifar100' and (a.reg_lambda, a.reg_alpha, a.reg_horizon) == (1.0, 1.0, 1.0)
+    for name in ('imagenet', 'imagefolder', 'stanfordcars'):
+        a = resolved(dataset=name)
+        assert a.recipe == 'imagenet' and (a.backbone, a.knn_k, a.reg_mode, a.reg_horizon_num, a.reg_horizon) == \
+            ('resnet50', 20, 'imagenet', 128, None)
+    assert resolved(dataset='svhn').recipe == 'cifar10'
+    a = resolved('--recipe', 'cifar100')  # explicit: CIFAR-100's column on CIFAR-10
+    assert a.recipe == 'cifar100' and a.reg_lambda == 1.0
+    # the USL-CLIP config: the imagenet recipe with four flags given
+    a = resolved('--reg_lambda', 0.05, '--reg_alpha', 1, '--reg_horizon_num', 32, '--reg_exclude_same_cluster',
+                 dataset='imagenet')
+    assert (a.reg_lambda, a.reg_alpha, a.reg_horizon_num, a.reg_exclude_same_cluster, a.reg_iters, a.knn_k) == \
+        (0.05, 1.0, 32, True, 2, 20)
+
+
+def test_the_other_reg_mode_takes_its_variants_settings():
+    # CIFAR-10 with the imagenet variant: the regulariser settings of the imagenet recipe, the kNN and k-means ones
+    # of CIFAR-10's (the reference configs' split), an explicit flag still winning
+    a = resolved('--reg_mode', 'imagenet', '--reg_lambda', 0.7)
+    assert (a.recipe, a.reg_mode, a.reg_iters, a.reg_lambda, a.reg_momentum, a.reg_horizon_num) == \
+        ('cifar10', 'imagenet', 2, 0.7, 0.0, 128)
+    assert (a.knn_k, a.kmeans_iters, a.reg_horizon) == (400, 200, None)
+    a = resolved('--reg_mode', 'cifar', dataset='imagenet')
+    assert (a.reg_iters, a.reg_lambda, a.reg_momentum, a.reg_horizon, a.knn_k) == (10, 0.5, 0.9, 4.0, 20)
+    with pytest.raises(UserError, match='--reg_horizon applies to --reg_mode cifar, not imagenet'):
+        resolved('--reg_horizon', 1, dataset='imagenet')
+    with pytest.raises(UserError, match='--reg_horizon_num applies to --reg_mode imagenet, not cifar'):
+        resolved('--recipe', 'imagenet', '--reg_mode', 'cifar', '--reg_horizon_num', 8)
+
+
 # -------------------------------------------------------------------------------------------- random baseline
 # The lists published in the USL README ("Random indices on CIFAR-10"), torchvision CIFAR-10 train order.
 PUBLISHED_RANDOM = {

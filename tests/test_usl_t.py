@@ -116,6 +116,31 @@ def test_knn_ids_first_column_is_self():
     assert ids.tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
 
 
+def test_the_schedule_epochs_stretch_to_max_iter():
+    # no --max_iter: total = epochs x steps per epoch, the schedule's epochs are passes over the data (3 steps each)
+    assert [usl_t.schedule_epoch(s, 2 * 3, 2) for s in range(6)] == [s // 3 for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    # --max_iter 10 with --epochs 2: two epochs of 5 iterations, whatever the data's pass length
+    assert [usl_t.schedule_epoch(s, 10, 2) for s in range(10)] == [0] * 5 + [1] * 5
+
+
+def test_recipe_inferred_or_explicit_and_an_explicit_flag_wins():
+    def resolved(*argv, dataset='cifar10'):
+        return usl_t.resolve_args(usl_t.parse_args(['--root', 'data', *[str(a) for a in argv]]), dataset)
+
+    a = resolved('--budget', 40)
+    assert a.recipe == 'cifar10' and (a.backbone, a.epochs, a.batch_size, a.head, a.num_clusters, a.use_mean_prob,
+                                      a.mean_outside_mask, a.selection_mode) == \
+        ('cifar_resnet18', 200, 1024, 'linear', 40, True, False, 'cifar')
+    a = resolved(dataset='cifar100')
+    assert a.recipe == 'cifar100' and (a.use_mean_prob, a.mean_outside_mask) == (False, True)
+    a = resolved('--budget', 2911, dataset='imagenet')
+    assert a.recipe == 'imagenet' and (a.backbone, a.head, a.num_clusters, a.update_head_only, a.reassign_after_steps,
+                                       a.selection_mode) == ('resnet50', 'normed', 3000, True, 1250, 'imagenet')
+    a = resolved('--recipe', 'imagenet', '--backbone', 'wrn28_2', '--num_clusters', 50, '--no-update_head_only')
+    assert (a.recipe, a.backbone, a.num_clusters, a.update_head_only, a.head) == ('imagenet', 'wrn28_2', 50, False,
+                                                                                 'normed')
+
+
 # -------------------------------------------------------------------------------------------------- command line
 @pytest.fixture(scope='module')
 def cifar(tmp_path_factory):
@@ -130,14 +155,17 @@ SMALL = ['--dataset', 'cifar10', '--budget', 4, '--backbone', 'wrn28_2', '--batc
 def test_cli_cifar_resume_equals_uninterrupted(cifar, env):
     root, tmp = cifar
     logdir = tmp / 'runs'
-    full = run_script('usl_t.py', '--root', root, *SMALL, '--max_iter', 4, '--logdir', logdir, '--run_name', 'full',
-                      env=env)
+    # a schedule that matters: the global loss from epoch 1 of 2, i.e. from iteration 3 of 4 (--max_iter stretches
+    # the epochs to 2 iterations each); --stop_after keeps it, where a 2-iteration run would start it at iteration 2
+    flags = [*SMALL, '--max_iter', 4, '--epochs', 2, '--global_start_epoch', 1, '--logdir', logdir]
+    full = run_script('usl_t.py', '--root', root, *flags, '--run_name', 'full', env=env)
     assert_ok(full)
-    half = run_script('usl_t.py', '--root', root, *SMALL, '--max_iter', 2, '--logdir', logdir, '--run_name', 'cut',
-                      env=env)
+    half = run_script('usl_t.py', '--root', root, *flags, '--stop_after', 2, '--run_name', 'cut', env=env)
     assert_ok(half)
-    rest = run_script('usl_t.py', '--root', root, *SMALL, '--max_iter', 4, '--logdir', logdir, '--run_name', 'cut',
-                      '--resume', 'auto', env=env)
+    assert '[cut] stopped after iteration 2 of 4 (--stop_after); continue with --resume auto' in half.stdout
+    assert torch.load(logdir / 'cut' / 'checkpoint.pt', weights_only=True)['step'] == 2
+    assert not (logdir / 'cut' / 'selected.npy').exists() and not (logdir / 'cut' / 'summary.json').exists()
+    rest = run_script('usl_t.py', '--root', root, *flags, '--run_name', 'cut', '--resume', 'auto', env=env)
     assert_ok(rest)
     a = torch.load(logdir / 'full' / 'checkpoint.pt', weights_only=True)
     b = torch.load(logdir / 'cut' / 'checkpoint.pt', weights_only=True)
