@@ -154,16 +154,16 @@ metric_transfer() {
     # what the README reports).
     for n in 50 100 250 500 1000 2000 4000 8000; do
       row --done propagation_spectral.json python metric_transfer.py --stage propagate --root data/cifar10 \
-        --num_labeled $n --propagation spectral --pretrained "$RUNS/mt-cifar10-pretrain$s/pretrain.pt" \
+        --num_labeled $n --propagation spectral --metric_net "$RUNS/mt-cifar10-pretrain$s/pretrain.pt" \
         --seed $seed --run_name mt-cifar10-$n$s
       row --done summary.json:final_top1 python metric_transfer.py --stage finetune --root data/cifar10 \
         --num_labeled $n --propagation spectral --pseudo_ratio 0.2 --max_iter 500000 \
-        --pretrained "$RUNS/mt-cifar10-pretrain$s/pretrain.pt" --seed $seed --run_name mt-cifar10-$n$s --resume auto
+        --metric_net "$RUNS/mt-cifar10-pretrain$s/pretrain.pt" --seed $seed --run_name mt-cifar10-$n$s --resume auto
     done
     # The kNN propagation rows of the notebooks (pseudo-label accuracy only): add to the same folders
     for n in 50 100 250 500 1000 2000 4000 8000; do
       row --done propagation_knn.json python metric_transfer.py --stage propagate --root data/cifar10 \
-        --num_labeled $n --propagation knn --pretrained "$RUNS/mt-cifar10-pretrain$s/pretrain.pt" \
+        --num_labeled $n --propagation knn --metric_net "$RUNS/mt-cifar10-pretrain$s/pretrain.pt" \
         --seed $seed --run_name mt-cifar10-$n$s --resume auto
     done
 
@@ -173,12 +173,12 @@ metric_transfer() {
     # --trust_checkpoint). One global graph over all 1,281,167 images (the reference cut the class-ordered unlabeled
     # set into 10 chunks, which leaks the class structure: expect lower pseudo-label accuracy than its released files).
     row --done propagation_spectral.json torchrun --nproc_per_node 4 metric_transfer.py --stage propagate \
-      --root imagenet --backbone resnet50 --pretrained pretrained/lemniscate_resnet50.pth.tar --trust_checkpoint \
+      --root imagenet --backbone resnet50 --metric_net pretrained/lemniscate_resnet50.pth.tar --trust_checkpoint \
       --num_labeled 13000 --propagation spectral --seed $seed --run_name mt-imagenet-1p$s
     # Fine-tuning: lr 0.01 nesterov, wd 0, batch 256, 50,000 iterations, x0.1 at 21,428 and 42,857, RandomResizedCrop
     # 224.
     row --done summary.json:final_top1 torchrun --nproc_per_node 4 metric_transfer.py --stage finetune \
-      --root imagenet --backbone resnet50 --pretrained pretrained/lemniscate_resnet50.pth.tar --trust_checkpoint \
+      --root imagenet --backbone resnet50 --metric_net pretrained/lemniscate_resnet50.pth.tar --trust_checkpoint \
       --num_labeled 13000 --propagation spectral --pseudo_ratio 0.1 --batch_size 256 --max_iter 50000 --amp bf16 \
       --dali --seed $seed --run_name mt-imagenet-1p$s --resume auto
   done
@@ -291,22 +291,22 @@ metasemi() {
   # CIFAR/SVHN: one GPU, ConvLarge, mixup, 400k iterations (lr 0.1, warmup and consistency ramp-up 4000, x0.1 at
   # 300k and 350k), batch 128 labeled + 128 unlabeled, epsilon 0.01; --download fetches the data into --root.
   # These are the defaults, spelled out so the line reads as the recipe. One seed per dataset, the paper's.
-  METASEMI_SMALL="--arch convlarge --mix_up --total_steps 400000 --milestones 300000 350000 --lr 0.1 --warmup 4000
+  METASEMI_SMALL="--backbone convlarge --mix_up --max_iter 400000 --milestones 300000 350000 --lr 0.1 --warmup 4000
     --weight 1.0 --batch_size 128 --epsilon 0.01 --meta_grad fd"
 
   # SVHN-1000 (train split only, not extra; no horizontal flip): paper 3.15 % error
   for seed in $(seeds 7788); do
-    row python metasemi.py --root data/svhn --dataset svhn --download --num_label 1000 $METASEMI_SMALL --alpha 0.1 \
+    row python metasemi.py --root data/svhn --dataset svhn --download --num_labeled 1000 $METASEMI_SMALL --alpha 0.1 \
       --seed $seed --weight_decay 5e-5 --run_name metasemi-svhn-1000-s$seed
   done
   # CIFAR-10-4000: paper 7.78 % error
   for seed in $(seeds 8469); do
-    row python metasemi.py --root data/cifar10 --dataset cifar10 --download --num_label 4000 $METASEMI_SMALL \
+    row python metasemi.py --root data/cifar10 --dataset cifar10 --download --num_labeled 4000 $METASEMI_SMALL \
       --alpha 1.0 --seed $seed --weight_decay 1e-4 --run_name metasemi-cifar10-4000-s$seed
   done
   # CIFAR-100-10000: paper 30.74 % error
   for seed in $(seeds 7788); do
-    row python metasemi.py --root data/cifar100 --dataset cifar100 --download --num_label 10000 $METASEMI_SMALL \
+    row python metasemi.py --root data/cifar100 --dataset cifar100 --download --num_labeled 10000 $METASEMI_SMALL \
       --alpha 1.0 --seed $seed --weight_decay 1e-4 --run_name metasemi-cifar100-10000-s$seed
   done
 
@@ -317,13 +317,13 @@ metasemi() {
   #   python -m common.dali pack imagenet/unlabeled imagenet_rec/train_unlabel --classes_from imagenet/train
   #   python -m common.dali pack imagenet/val imagenet_rec/val --classes_from imagenet/train )
   for seed in $(seeds 1234); do
-    row torchrun --nproc_per_node 8 metasemi.py --root imagenet_rec --dataset imagenet --arch resnet18 --dali \
+    row torchrun --nproc_per_node 8 metasemi.py --root imagenet_rec --dataset imagenet --backbone resnet18 --dali \
       --batch_size 512 --lr 0.1 --weight_decay 1e-4 --epochs 600 --warmup 5 --alpha 1.0 --epsilon 0.01 --seed $seed \
       --run_name metasemi-imagenet-10p-rec-s$seed
     # or draw a class-balanced 10 % split (128 per class = 128,000 images) from the seed out of imagenet/train
-    row torchrun --nproc_per_node 8 metasemi.py --root imagenet --dataset imagenet --num_label 128000 --arch resnet18 \
-      --dali --batch_size 512 --lr 0.1 --weight_decay 1e-4 --epochs 600 --warmup 5 --alpha 1.0 --epsilon 0.01 \
-      --seed $seed --run_name metasemi-imagenet-128000-s$seed
+    row torchrun --nproc_per_node 8 metasemi.py --root imagenet --dataset imagenet --num_labeled 128000 \
+      --backbone resnet18 --dali --batch_size 512 --lr 0.1 --weight_decay 1e-4 --epochs 600 --warmup 5 --alpha 1.0 \
+      --epsilon 0.01 --seed $seed --run_name metasemi-imagenet-128000-s$seed
   done
 
   # Ablation of the paper (slides p.18) on CIFAR-10-4000: the meta step without mixup (paper 11.63 %), and mixup with
@@ -331,12 +331,12 @@ metasemi() {
   # paper 11.10 %)
   for seed in $(seeds 8469); do
     s=$(suffix $seed 8469)
-    row python metasemi.py --root data/cifar10 --dataset cifar10 --num_label 4000 $METASEMI_SMALL --no-mix_up \
+    row python metasemi.py --root data/cifar10 --dataset cifar10 --num_labeled 4000 $METASEMI_SMALL --no-mix_up \
       --seed $seed --run_name metasemi-cifar10-4000-nomixup$s
-    row python metasemi.py --root data/cifar10 --dataset cifar10 --num_label 4000 $METASEMI_SMALL --no-meta --weight 0 \
+    row python metasemi.py --root data/cifar10 --dataset cifar10 --num_labeled 4000 $METASEMI_SMALL --no-meta --weight 0 \
       --alpha 1.0 --seed $seed --run_name metasemi-cifar10-4000-nometa$s
     # The exact meta-gradient instead of the finite difference (same recipe)
-    row python metasemi.py --root data/cifar10 --dataset cifar10 --num_label 4000 $METASEMI_SMALL --alpha 1.0 \
+    row python metasemi.py --root data/cifar10 --dataset cifar10 --num_labeled 4000 $METASEMI_SMALL --alpha 1.0 \
       --seed $seed --meta_grad jvp --run_name metasemi-cifar10-4000-jvp$s
   done
 }
@@ -358,11 +358,11 @@ cpu() {
   for D in digits ${CIFAR10_ROOT:+cifar10}; do
     if [ "$D" = digits ]; then
       DATA="--root digits --dataset digits" L=50 COUNTS="10 20 50 100" N_FT=20 B=10
-      DPL="--epochs 6 --epoch_iters 50" PRE_EP="--epochs 60" ST="--max_iter 300 --test_interval 100"
+      DPL="--epochs 6 --epoch_iters 50" PRE_EP="--epochs 60" ST="--max_iter 300 --eval_interval 100"
       FT="--max_iter 200 --eval_interval 100" USLT="--max_iter 150"
     else
       DATA="--root $CIFAR10_ROOT --dataset cifar10" L=250 COUNTS="40 250 1000" N_FT=250 B=40
-      DPL="--epochs 5 --epoch_iters 200" PRE_EP="--epochs 4" ST="--max_iter 1000 --test_interval 250"
+      DPL="--epochs 5 --epoch_iters 200" PRE_EP="--epochs 4" ST="--max_iter 1000 --eval_interval 250"
       FT="--max_iter 1000 --eval_interval 250" USLT="--max_iter 300"
     fi
     # FixMatch family: 300 iterations on digits (the README's demo), 1000 on CIFAR-10, instead of 2^20. EMAN teacher
@@ -384,7 +384,7 @@ cpu() {
     # images alone: 1000 iterations of 32 labeled + 32 unlabeled instead of 400k of 128 + 128, ResNet-18 instead of
     # ConvLarge, lr 0.03, warmup and consistency ramp-up 100 steps.
     if [ "$D" = cifar10 ]; then
-      MS="$DATA --num_label $L --arch resnet18 --mix_up --batch_size 32 --lr 0.03 --total_steps 1000 --warmup 100
+      MS="$DATA --num_labeled $L --backbone resnet18 --mix_up --batch_size 32 --lr 0.03 --max_iter 1000 --warmup 100
         --milestones 750 900 --eval_interval 250 --workers 0 --device cpu"
       for seed in $(seeds 0 1 2); do
         row python metasemi.py $MS --seed $seed --run_name cpu-metasemi-$D-$L-s$seed
@@ -416,21 +416,21 @@ cpu() {
     # spectral labels vs on the seeds alone, same pipeline (--pseudo_ratio 1e-6 keeps floor(1e-6 N_u) = 0
     # pseudo-labels; the script has no seeds-only switch). Fine-tuning: batch 64, 200 (digits) / 1000 (CIFAR-10)
     # iterations instead of 500k.
-    FT="$DATA --backbone resnet18 --num_labeled $N_FT --batch_size 64 $FT --pretrained $PRE/pretrain.pt --workers 0
+    FT="$DATA --backbone resnet18 --num_labeled $N_FT --batch_size 64 $FT --metric_net $PRE/pretrain.pt --workers 0
       --device cpu"
     for seed in $(seeds 0 1 2); do
       for n in $COUNTS; do
         row --done propagation_spectral.json python metric_transfer.py --stage propagate $DATA --backbone resnet18 \
-          --num_labeled $n --propagation spectral --pretrained "$PRE/pretrain.pt" --workers 0 --device cpu \
+          --num_labeled $n --propagation spectral --metric_net "$PRE/pretrain.pt" --workers 0 --device cpu \
           --seed $seed --run_name cpu-mt-$D-$n-s$seed
         row --done propagation_knn.json python metric_transfer.py --stage propagate $DATA --backbone resnet18 \
-          --num_labeled $n --propagation knn --pretrained "$PRE/pretrain.pt" --workers 0 --device cpu \
+          --num_labeled $n --propagation knn --metric_net "$PRE/pretrain.pt" --workers 0 --device cpu \
           --seed $seed --run_name cpu-mt-$D-$n-s$seed --resume auto
       done
       row --done summary.json:final_top1 python metric_transfer.py --stage finetune $FT --propagation spectral \
         --pseudo_ratio 0.2 --seed $seed --run_name cpu-mt-$D-$N_FT-s$seed --resume auto
       row --done propagation_knn.json python metric_transfer.py --stage propagate $DATA --backbone resnet18 \
-        --num_labeled $N_FT --propagation knn --pretrained "$PRE/pretrain.pt" --workers 0 --device cpu \
+        --num_labeled $N_FT --propagation knn --metric_net "$PRE/pretrain.pt" --workers 0 --device cpu \
         --seed $seed --run_name cpu-mt-seeds-only-$D-$N_FT-s$seed
       row --done summary.json:final_top1 python metric_transfer.py --stage finetune $FT --propagation knn \
         --pseudo_ratio 1e-6 --seed $seed --run_name cpu-mt-seeds-only-$D-$N_FT-s$seed --resume auto

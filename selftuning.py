@@ -21,7 +21,7 @@ Launch (the paper's settings: bash run.sh selftuning):
     torchrun --nproc_per_node 4 selftuning.py --root ./CUB200 --label_ratio 15 --pretrained --batch_size 24
     # CPU, a tiny smoke run
     python selftuning.py --root ./StanfordCars --label_ratio 15 --pretrained --backbone resnet18 --image_size 64 \\
-        --batch_size 4 --max_iter 3 --test_interval 3 --workers 0 --device cpu
+        --batch_size 4 --max_iter 3 --eval_interval 3 --workers 0 --device cpu
     # the fine-tuning baseline of the paper's tables (CE on the labeled batch only)
     python selftuning.py --root ./StanfordCars --label_ratio 15 --pretrained --batch_size 24 --no-pgc
 """
@@ -50,43 +50,71 @@ SMALL_IMAGES = ('cifar10', 'cifar100', 'svhn', 'digits')     # 32-px sets: the r
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR100_MEAN_STD = ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))  # REF data/tranforms.py
 
+# ----------------------------------------------------------------------------------------------------------- recipes
+# The per-dataset defaults (--recipe; a flag given on the command line wins): the reference's test protocol. The
+# data pipeline itself follows the dataset (32-px sets are upsampled, the others resized to 256 and cropped).
+RECIPES = {
+    "finegrained": dict(ten_crop=True),   # CUB200, StanfordCars, Aircraft and image folders: 10-crop test
+    "cifar": dict(ten_crop=False),        # the 32-px sets (CIFAR-10/100, SVHN, digits): one view
+}
+
+
+def choose_recipe(args):
+    """Infer --dataset from --root and fill the recipe's defaults: --recipe, else the dataset's (a flag given on the
+    command line wins)."""
+    args.dataset = args.dataset or datasets.infer_name(args.root)
+    return runlib.apply_recipe(args, RECIPES, args.recipe or ("cifar" if args.dataset in SMALL_IMAGES
+                                                              else "finegrained"))
+
+
+class Spellings(tuple):
+    """Backbone names that also accept the reference's dashed spellings (efficientnet-b2) as choices."""
+
+    def __contains__(self, name):
+        return tuple.__contains__(self, str(name).replace("-", "_"))
+
 
 # ------------------------------------------------------------------------------------------------------------ flags
 def parse_args(argv=None):
-    p = runlib.Parser(description=__doc__)
+    p = runlib.Parser(description=__doc__, recipes=RECIPES)
     g = p.add_argument_group("data")
-    g.add_argument("--root", default=None, help="dataset folder; its name picks the dataset (CUB200, StanfordCars, "
-                   "Aircraft, *cifar100*, ...), else a train/ + val/ image folder")
-    g.add_argument("--dataset", default=None, choices=datasets.NAMES, help="dataset (default: inferred from --root)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
-                   help="fetch the dataset into --root")
+    g.add_argument("--root", shared=True, default=None,
+                   help="its name picks the dataset (CUB200, StanfordCars, Aircraft, *cifar100*, ...), else a "
+                        "train/ + val/ image folder")
+    g.add_argument("--dataset", shared=True, default=None, choices=datasets.NAMES)
+    g.add_argument("--download", shared=True)
+    g.add_argument("--recipe", shared=True, default=None, choices=list(RECIPES),
+                   help="cifar for the 32-px sets, finegrained for the others")
     g.add_argument("--label_ratio", type=int, default=None,
                    help="percent of labeled training images: image_list/train_<r>.txt of the fine-grained sets "
-                        "(15/30/50/100), or a per-class share of an image folder (default: 15 for those sets)")
-    g.add_argument("--num_labeled", type=int, default=0,
-                   help="labeled images, num_labeled // classes per class (CIFAR-100: 400/2500/10000; image folders)")
+                        "(15/30/50/100), or a per-class share of an image folder (default: 15 where it applies, "
+                        "i.e. the fine-grained sets, and image folders without --num_labeled)")
+    g.add_argument("--num_labeled", shared=True, default=None,
+                   help="num_labeled / classes per class, the unlabeled set is the whole training set (the 32-px "
+                        "sets, where it is required: CIFAR-100 400/2500/10000; image folders); not for the "
+                        "fine-grained sets")
     g.add_argument("--expand_label", action=argparse.BooleanOptionalAction, default=False,
-                   help="repeat the labeled list ceil(batch_size * test_interval / n) times, as the reference does "
+                   help="repeat the labeled list ceil(batch_size * eval_interval / n) times, as the reference does "
                         "for CIFAR-100")
     g.add_argument("--image_size", type=int, default=224, help="network input size (fine-grained sets are resized "
                    "to image_size * 256/224 first; 32-px sets are upsampled to it)")
     g.add_argument("--resize_interp", default="bicubic", choices=["bicubic", "nearest"],
                    help="filter of the reference's PIL resizes (32->224 upsampling, 256x256 resize): bicubic is "
                         "Pillow>=7's default, nearest Pillow<7's, which the reference's pinned stack implies")
-    g.add_argument("--ten_crop", action=argparse.BooleanOptionalAction, default=None,
-                   help="10-crop test (summed logits) (default: on for fine-grained sets and image folders, off for "
-                        "32-px sets, as in the reference)")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    g.add_argument("--ten_crop", action=argparse.BooleanOptionalAction, default=None, recipe=True,
+                   help="10-crop test (summed logits), as the reference for the fine-grained sets")
+    g.add_argument("--workers", shared=True, default=4)
     g.add_argument("--test_batch_size", type=int, default=None,
                    help="test images per batch per rank (default: 10 with --ten_crop, else 100)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", "--arch", default="resnet50", type=lambda s: s.replace("-", "_"),
-                   choices=backbones.NAMES, help="feature extractor (efficientnet-b2 spelling accepted)")
-    g.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH",
-                   help="no value: the torchvision ImageNet weights of --backbone; a path: a local checkpoint "
-                        "(torchvision, MoCo, CLD formats)")
+    g.add_argument("--backbone", "--arch", shared=True, default="resnet50", choices=Spellings(backbones.NAMES),
+                   metavar="NAME", help=f"one of {', '.join(backbones.NAMES)} (alias --arch; the reference's "
+                                        "efficientnet-b2 spelling is accepted)")
+    g.add_argument("--pretrained", shared=True, default=None)
     g.add_argument("--projector_dim", type=int, default=1024, help="output size of the linear projector")
+
+    g = p.add_argument_group("method")
     g.add_argument("--queue_size", type=int, default=32, help="keys kept per class (K)")
     g.add_argument("--momentum", type=float, default=0.999, help="key-encoder momentum m: k <- m k + (1-m) q")
     g.add_argument("--ema_per_forward", action=argparse.BooleanOptionalAction, default=True,
@@ -97,29 +125,34 @@ def parse_args(argv=None):
                    help="the PGC terms; --no-pgc is the fine-tuning baseline: CE on the labeled batch only")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=64,
-                   help="global batch of labeled and of unlabeled images (the paper: 24 fine-grained, 20 CIFAR)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the backbone and projector")
+    g.add_argument("--batch_size", shared=True, default=64,
+                   help="of labeled and of unlabeled images (the paper: 24 fine-grained, 20 CIFAR)")
+    g.add_argument("--lr", shared=True, default=1e-3, help="of the backbone and projector")
     g.add_argument("--lr_ratio", type=float, default=10.0, help="the classifier's lr is lr * lr_ratio")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="SGD weight decay (all parameters)")
-    g.add_argument("--max_iter", type=int, default=27005, help="training iterations")
+    g.add_argument("--weight_decay", shared=True, default=1e-4, help="SGD, all parameters")
+    g.add_argument("--max_iter", shared=True, default=27005)
+    g.add_argument("--stop_after", shared=True, default=None)
     g.add_argument("--milestones", type=int, nargs="+", default=[6000, 12000, 18000, 24000],
-                   help="iterations where the lr is multiplied by 0.1")
-    g.add_argument("--test_interval", "--eval_interval", type=int, default=3000,
-                   help="evaluate after iterations 1, 1+N, 1+2N, ... (and 500 and the last one)")
+                   help="iterations where the lr is multiplied by 0.1 (the reference's, for its 27005 iterations; "
+                        "they do not move with --max_iter)")
+    g.add_argument("--eval_interval", "--test_interval", shared=True, default=3000,
+                   help="alias --test_interval, the reference's: after iterations 1, 1+N, 1+2N, ... (and 500 and "
+                        "the last one)")
     g.add_argument("--save_interval", type=int, default=1000, help="also write the checkpoint every N iterations")
     g.add_argument("--log_interval", type=int, default=10, help="tensorboard scalars every N iterations")
-    g.add_argument("--seed", type=int, default=666666, help="seed of the split, the initialisation and the data")
+    g.add_argument("--seed", shared=True, default=666666, help="of the split, the initialisation and the data")
     runlib.add_standard_flags(p)
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_iter", "test_interval", "save_interval", "log_interval", "queue_size",
+    args.backbone = args.backbone.replace("-", "_")
+    for name in ("batch_size", "max_iter", "eval_interval", "save_interval", "log_interval", "queue_size",
                  "projector_dim", "image_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    for name in ("num_labeled", "stop_after", "test_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if not 0.0 <= args.momentum <= 1.0:
         raise UserError(f"--momentum {args.momentum} must lie in [0, 1]")
-    if args.num_labeled < 0:
-        raise UserError(f"--num_labeled {args.num_labeled} must be positive")
     return args
 
 
@@ -361,20 +394,20 @@ def pgc_loss(q, k, queue_keys, labels, queue_size, temperature):
         return (-(logp[:, 0] + group) / (queue_size + 1)).mean() - math.log(queue_size + 1)
 
 
-def selftuning_losses(qnet, encoder, key, queue, x_l, y_l, x_u=None, temperature=0.07, ema_per_forward=True,
+def selftuning_losses(forward, encoder, key, queue, x_l, y_l, x_u=None, temperature=0.07, ema_per_forward=True,
                       pgc=True):
     """One iteration's forward: CE + PGC(labeled) + PGC(unlabeled); enqueues this iteration's keys.
 
-    qnet: the QueryNet (or its DDP wrapper); encoder: the unwrapped query Encoder (for the momentum update);
-    x_l = (view a, view b) of the labeled batch (one tensor when pgc is off); x_u likewise or None (no unlabeled
-    data). Returns a dict of losses, the labeled logits and the pseudo-labels."""
+    forward: the QueryNet (or its DDP / compiled wrapper); encoder: the unwrapped query Encoder (for the momentum
+    update); key: the KeyEncoder; x_l = (view a, view b) of the labeled batch (one tensor when pgc is off); x_u
+    likewise or None (no unlabeled data). Returns a dict of losses, the labeled logits and the pseudo-labels."""
     if not pgc:  # the fine-tuning baseline: CE on the labeled batch alone
-        logits_l = qnet(x_l)[1]
+        logits_l = forward(x_l)[1]
         ce = F.cross_entropy(logits_l.float(), y_l)
         zero = ce.detach() * 0
         return {"loss": ce, "ce": ce, "pgc_l": zero, "pgc_u": zero, "logits_l": logits_l}
     (la, lb), (ua, ub) = x_l, (x_u if x_u is not None else (None, None))
-    proj_l, logits_l, proj_u, logits_u = qnet(la, ua)
+    proj_l, logits_l, proj_u, logits_u = forward(la, ua)
     ce = F.cross_entropy(logits_l.float(), y_l)
 
     # REF order: momentum update, labeled keys, [momentum update], unlabeled keys. No optimizer step in between, so
@@ -421,9 +454,9 @@ def ratio_split(targets, ratio, seed):
 def load_data(args, name):
     """(labeled, unlabeled or None, test, labels tag). Sets no transform; the caller does."""
     if name in FINEGRAINED:
-        if args.num_labeled:
+        if args.num_labeled is not None:
             raise UserError(f"{name} uses the pre-made label lists: pass --label_ratio 15/30/50/100, not --num_labeled")
-        ratio = 15 if args.label_ratio is None else args.label_ratio
+        ratio = args.label_ratio = 15 if args.label_ratio is None else args.label_ratio
         if args.download:
             datasets.load(name, args.root, "test", download=True)  # fetches the archives when the layout is absent
         labeled, unlabeled = splits.finegrained_split(args.root, name, ratio)
@@ -431,17 +464,19 @@ def load_data(args, name):
         return labeled, (unlabeled if len(unlabeled) else None), test, f"{ratio}pct"
     train = datasets.load(name, args.root, "train", download=args.download)
     test = datasets.load(name, args.root, "test", download=False)
-    if args.num_labeled:
+    if args.num_labeled is not None:
         if args.label_ratio is not None:
             raise UserError("pass either --num_labeled or --label_ratio, not both")
-        # FixMatch / REF CIFAR rule: num_labeled // C per class; the unlabeled set is ALL training images. REF draws
-        # with the global NumPy RNG after seeding, so its indices differ from these (RandomState(seed)).
-        lab, unl = splits.class_balanced_split(train.targets, args.num_labeled, train.num_classes, args.seed)
+        # FixMatch / REF CIFAR rule: num_labeled / C per class (a multiple of C, as in every script); the unlabeled
+        # set is ALL training images. REF draws with the global NumPy RNG after seeding, so its indices differ from
+        # these (RandomState(seed)).
+        lab, unl = splits.class_balanced_split(train.targets, args.num_labeled, train.num_classes, args.seed,
+                                               exact=True)
         tag = str(args.num_labeled)
     elif name in SMALL_IMAGES:
         raise UserError(f"{name} needs --num_labeled (the paper's CIFAR-100 runs: 400, 2500, 10000)")
     else:
-        ratio = 15 if args.label_ratio is None else args.label_ratio
+        ratio = args.label_ratio = 15 if args.label_ratio is None else args.label_ratio
         if not 0 < ratio <= 100:
             raise UserError(f"--label_ratio {ratio} must lie in 1..100")
         lab, unl = ratio_split(train.targets, ratio, args.seed)
@@ -450,7 +485,8 @@ def load_data(args, name):
 
 
 def build_transforms(args, name, sample):
-    """(train view, test transform) for dataset `name`; `sample` is one training image (for the native size)."""
+    """(train view, test transform) for dataset `name` (10-crop with --ten_crop); `sample` is one training image
+    (for the native size)."""
     if name in SMALL_IMAGES:
         mean_std = CIFAR100_MEAN_STD if name == "cifar100" else datasets.MEAN_STD[name]
         train = small_train_transform(sample.size[0], args.image_size, mean_std, args.resize_interp)
@@ -461,9 +497,8 @@ def build_transforms(args, name, sample):
         # Without 10-crop: the reference's resize to 256x256, then the centre crop of its 10-crop protocol.
         single = T.Compose([ResizeImage(resize_size(args.image_size), args.resize_interp),
                             T.CenterCrop(args.image_size), T.ToTensor(), T.Normalize(*mean_std)])
-    ten_crop = args.ten_crop if args.ten_crop is not None else name not in SMALL_IMAGES
-    test = TenCrop(args.image_size, mean_std, args.resize_interp) if ten_crop else single
-    return train, test, ten_crop
+    test = TenCrop(args.image_size, mean_std, args.resize_interp) if args.ten_crop else single
+    return train, test
 
 
 def to_device(x, device):
@@ -480,14 +515,14 @@ def main(argv=None):
     runlib.seed_everything(args.seed, dist.rank, args.deterministic)
 
     # Data first: a bad root or label ratio fails before any run folder is made.
-    name = args.dataset or datasets.infer_name(args.root)
+    name = choose_recipe(args).dataset
     labeled, unlabeled, test, tag = load_data(args, name)
     split = labeled.source_index, labeled.ids  # saved in the run folder as labeled.csv
-    if args.expand_label:  # REF: the labeled index list repeated ceil(B * test_interval / n) times
+    if args.expand_label:  # REF: the labeled index list repeated ceil(B * test_interval / n) times (--eval_interval)
         labeled = labeled.subset(np.tile(np.arange(len(labeled)),
-                                         math.ceil(args.batch_size * args.test_interval / len(labeled))))
+                                         math.ceil(args.batch_size * args.eval_interval / len(labeled))))
     num_classes = max(labeled.num_classes, test.num_classes)
-    train_tf, test_tf, ten_crop = build_transforms(args, name, labeled.image(0))
+    train_tf, test_tf = build_transforms(args, name, labeled.image(0))
     labeled.transform = [train_tf, train_tf] if args.pgc else train_tf  # two independent strong views (REF)
     if not args.pgc:
         unlabeled = None  # the fine-tuning baseline does not read unlabeled data
@@ -500,8 +535,8 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         backbone = backbones.build(args.backbone, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint)
         encoder = Encoder(backbone, args.projector_dim, 0.3 if args.backbone == "efficientnet_b2" else 0.0)
-        qnet = QueryNet(encoder, num_classes).to(device)
-    key = KeyEncoder(encoder, args.momentum).to(device) if args.pgc else None
+        net = QueryNet(encoder, num_classes).to(device)
+    key_net = KeyEncoder(encoder, args.momentum).to(device) if args.pgc else None
     queue = ClassQueue(args.projector_dim, num_classes, args.queue_size, seed=args.seed).to(device)
     if not args.pgc:
         encoder.projector.requires_grad_(False)  # unused by the baseline (DDP must not wait for its gradients)
@@ -510,7 +545,7 @@ def main(argv=None):
     # MultiStepLR stepped every iteration.
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD([{"params": params},
-                                 {"params": qnet.classifier.parameters(), "lr": args.lr * args.lr_ratio}],
+                                 {"params": net.classifier.parameters(), "lr": args.lr * args.lr_ratio}],
                                 lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     scaler = runlib.grad_scaler(device, args.amp)
@@ -520,7 +555,7 @@ def main(argv=None):
     if unlabeled is not None:
         streams["unlabeled"] = loaders.BatchStream(unlabeled, args.batch_size, args.seed + 1, args.workers,
                                                     dist.rank, dist.world_size, pin_memory=device.type == "cuda")
-    test_loader = loaders.eval_loader(test, args.test_batch_size or (10 if ten_crop else 100), args.workers,
+    test_loader = loaders.eval_loader(test, args.test_batch_size or (10 if args.ten_crop else 100), args.workers,
                                        dist.rank, dist.world_size)
 
     # The fine-tuning baseline gets its own default run name, so both can run on the same data side by side.
@@ -536,11 +571,14 @@ def main(argv=None):
         if not np.array_equal(np.asarray(s["labeled"]), labeled.source_index):
             raise UserError(f"the checkpoint in {run.dir} was made with another labeled split: resume with the same "
                             "--root, --label_ratio/--num_labeled, --expand_label and --seed")
-        try:
-            qnet.load_state_dict(s["qnet"])
+        if int(s["step"]) > args.max_iter:
+            raise UserError(f"the checkpoint in {run.dir} is at iteration {int(s['step'])}, beyond --max_iter "
+                            f"{args.max_iter}: resume with the run's --max_iter, or pass --run_name NAME")
+        try:  # the checkpoint's keys for the two networks stay "qnet" and "key" (also in best.pt)
+            net.load_state_dict(s["qnet"])
             queue.load_state_dict(s["queue"])
-            if key is not None:
-                key.load_state_dict(s["key"])
+            if key_net is not None:
+                key_net.load_state_dict(s["key"])
         except (RuntimeError, KeyError) as e:
             raise UserError(f"the checkpoint in {run.dir} does not fit --backbone {args.backbone} / --pgc / "
                             f"--projector_dim / --queue_size ({str(e).splitlines()[0][:120]})") from None
@@ -554,18 +592,20 @@ def main(argv=None):
         start = int(s["step"])
         if dist.is_main:
             print(f"[{run.name}] resumed at iteration {start}", flush=True)
+    # --stop_after: train up to there with the schedule of the whole run (never below where the checkpoint is)
+    stop = max(min(args.max_iter, args.stop_after), start) if args.stop_after else args.max_iter
     run.start()
     run.save_split(*split)
 
-    net = distributed.wrap(qnet, dist)
+    model = distributed.wrap(net, dist)
     if args.compile:
-        net = torch.compile(net)
-        key_forward = torch.compile(key) if key is not None else None
+        forward = torch.compile(model)
+        key_forward = torch.compile(key_net) if key_net is not None else None
     else:
-        key_forward = key
+        forward, key_forward = model, key_net
 
     def checkpoint(step):
-        state = {"step": step, "qnet": qnet.state_dict(), "key": key.state_dict() if key is not None else {},
+        state = {"step": step, "qnet": net.state_dict(), "key": key_net.state_dict() if key_net is not None else {},
                  "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": runlib.rng_states(), "labeled": labeled.source_index,
@@ -576,20 +616,20 @@ def main(argv=None):
         # The query encoder (never the key encoder) -> classifier, in eval mode; REF's protocol. The RNG state is
         # put back afterwards so that evaluating does not change the training that follows.
         rng = runlib.rng_state()
-        qnet.eval()
+        net.eval()
         with runlib.autocast(device, args.amp):
-            top1, top5 = runlib.evaluate(qnet.classify, test_loader, device)
-        qnet.train()
+            top1, top5 = runlib.evaluate(net.classify, test_loader, device)
+        net.train()
         runlib.set_rng_state(rng)
         run.log_eval(step, top1, top5)
         return top1
 
     best = max([e["top1"] for e in run.evals], default=-1.0)
     sums, count, data_s = {}, 0, 0.0
-    qnet.train()
-    if key is not None:
-        key.train()
-    for step in range(start + 1, args.max_iter + 1):
+    net.train()
+    if key_net is not None:
+        key_net.train()
+    for step in range(start + 1, stop + 1):
         t0 = time.perf_counter()
         x_l, y_l, _ = next(streams["labeled"])
         x_u, y_u = (None, None)
@@ -600,7 +640,7 @@ def main(argv=None):
         data_s += time.perf_counter() - t0
 
         with runlib.autocast(device, args.amp):
-            out = selftuning_losses(net, encoder, key_forward, queue, x_l, y_l, x_u, args.temperature,
+            out = selftuning_losses(forward, encoder, key_forward, queue, x_l, y_l, x_u, args.temperature,
                                     args.ema_per_forward, args.pgc)
         runlib.check_finite(out["loss"].detach(), step, run)
         optimizer.zero_grad(set_to_none=True)
@@ -620,7 +660,7 @@ def main(argv=None):
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v
             count += 1
-        if step % args.log_interval == 0 or step == args.max_iter:
+        if step % args.log_interval == 0 or step == stop:
             means = {k: (distributed.all_reduce_mean(v.detach().clone().float()) / count).item()
                      for k, v in sums.items()}
             run.log(step, {f"train/{k}": v for k, v in means.items()})
@@ -629,21 +669,25 @@ def main(argv=None):
                          pgc_l=means["pgc_loss_labeled"], pgc_u=means["pgc_loss_unlabeled"])
             sums, count, data_s = {}, 0, 0.0
 
-        # REF evaluates after iterations 1, 1 + N, 1 + 2N, ... and 500; the last iteration is added for final_top1.
-        if (step - 1) % args.test_interval == 0 or step == 500 or step == args.max_iter:
+        # REF evaluates after iterations 1, 1 + N, 1 + 2N, ... and 500; the last iteration is added for final_top1,
+        # and the one where --stop_after cuts the run (evaluating leaves the RNG as it was).
+        if (step - 1) % args.eval_interval == 0 or step == 500 or step == args.max_iter or step == stop:
             top1 = evaluate(step)
             if top1 > best and dist.is_main:
                 best = top1  # test-set selection, as REF's "best acc": optimistic, reported as best_top1
                 runlib.atomic_write(run.path("best.pt"), lambda f: torch.save(
-                    {"qnet": qnet.state_dict(), "step": step, "top1": top1, "backbone": args.backbone}, f))
+                    {"qnet": net.state_dict(), "step": step, "top1": top1, "backbone": args.backbone}, f))
             checkpoint(step)
         elif step % args.save_interval == 0:
             checkpoint(step)
 
+    if stop < args.max_iter:
+        run.stop(stop, args.max_iter)
+        return
     figures = {"iters": args.max_iter, "best_iter": max(run.evals, key=lambda e: e["top1"])["iter"] if run.evals
                else None, "best_is_test_selection": True, "labeled": len(np.unique(labeled.source_index)),
                "unlabeled": 0 if unlabeled is None else len(unlabeled), "num_classes": num_classes,
-               "ten_crop": ten_crop, "pgc": args.pgc}
+               "ten_crop": args.ten_crop, "pgc": args.pgc}
     run.finish(**figures)
 
 

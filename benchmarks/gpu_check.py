@@ -139,7 +139,7 @@ def base_flags(script, d, iters, batch):
     net = {"--backbone": "resnet18", "--workers": 0}
     if script == "selftuning":
         return {"--root": d / "StanfordCars", "--label_ratio": 15, **net, "--image_size": 32, "--batch_size": batch,
-                "--queue_size": 8, "--projector_dim": 16, "--max_iter": iters, "--test_interval": iters}
+                "--queue_size": 8, "--projector_dim": 16, "--max_iter": iters, "--eval_interval": iters}
     if script == "debiaspl":
         return {"--root": d / "folder", "--trainindex_x": "train_1p_index.csv", "--trainindex_u":
                 "train_99p_index.csv", **net, "--image_size": 32, "--batch_size": batch, "--mu": 2, "--eman": True,
@@ -156,8 +156,8 @@ def base_flags(script, d, iters, batch):
                 "--knn_k": 3, "--pseudo_per_cluster": 2, "--reassign_after_steps": 0, "--max_iter": iters,
                 "--eval_interval": iters}
     if script == "metasemi":
-        return {"--root": d / "folder", "--dataset": "imagefolder", "--arch": "resnet18", "--workers": 0,
-                "--imcrop": 32, "--num_label": 2 * CLASSES, "--batch_size": batch, "--epochs": 10, "--warmup": 1,
+        return {"--root": d / "folder", "--dataset": "imagefolder", "--backbone": "resnet18", "--workers": 0,
+                "--imcrop": 32, "--num_labeled": 2 * CLASSES, "--batch_size": batch, "--epochs": 10, "--warmup": 1,
                 "--max_iter": iters, "--eval_interval": iters}
     raise ValueError(script)
 
@@ -192,7 +192,7 @@ def plan(gpu, world):
         if s in DALI:
             rows.append(Row(s, "dali folder", dali))
         if s == "metasemi":  # the labeled / unlabeled split is the files' own
-            rows.append(Row(s, "dali recordio", {**dali, "--dataset": None, "--num_label": None}, root="rec"))
+            rows.append(Row(s, "dali recordio", {**dali, "--dataset": None, "--num_labeled": None}, root="rec"))
         rows.append(Row(s, torchrun, torchrun=world))
     return rows
 

@@ -31,8 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIEWS = ("train", "strong", "val")
 INSTALL_HINT = "--dali needs nvidia-dali: pip install nvidia-dali-cuda130"
-# torchvision RandomResizedCrop defaults. The reference DALI pipeline used area (0.1, 1), ratio (0.8, 1.25) and a
-# separate anisotropic resize; the torchvision values are what the PyTorch scripts and the papers' tables use.
+# torchvision RandomResizedCrop defaults, the default crop of the 'train' and 'strong' views; a script whose
+# torchvision path crops otherwise passes its own `area` and `ratio`, so that --dali changes the loader only.
 RRC_AREA = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 # nvJPEG buffer sizes of the reference pipeline: preallocated so ImageNet's large JPEGs do not cause reallocations.
@@ -109,8 +109,8 @@ class DaliStream:
     positions in `files`), or `rec` (an MXNet RecordIO prefix, a .rec path, or a (rec, idx) pair; labels come from
     the record headers, the first one when a record holds several).
 
-    views: any of 'train' (random-resized crop with torchvision's scale (0.08, 1) and ratio (3/4, 4/3), horizontal
-    flip), 'strong' (the same, then DALI's own RandAugment n=2 m=10 of 31 bins), 'val' (resize the shorter side to
+    views: any of 'train' (random-resized crop with area fraction in `area` and aspect ratio in `ratio`, by default
+    torchvision's (0.08, 1) and (3/4, 4/3), horizontal flip), 'strong' (the same, then DALI's own RandAugment n=2 m=10 of 31 bins), 'val' (resize the shorter side to
     round(size*256/224), centre crop `size`). Each image is decoded once; every view then draws its own
     augmentation. Output: NCHW float32 normalised with the ImageNet mean/std; a tensor when there is one view, else a
     list in the order of `views`.
@@ -136,7 +136,7 @@ class DaliStream:
 
     def __init__(self, files=None, labels=None, rec=None, views=("train",), batch_size=256, size=224, seed=0,
                  rank=0, world_size=1, threads=2, device="cpu", shuffle=None, one_pass=False, indices=None,
-                 local_rank=None):
+                 local_rank=None, area=RRC_AREA, ratio=RRC_RATIO):
         if not available():
             raise UserError(INSTALL_HINT)
         views = (views,) if isinstance(views, str) else tuple(views)
@@ -156,6 +156,7 @@ class DaliStream:
             raise UserError("DaliStream reads either a file list (files=...) or a RecordIO prefix (rec=...), "
                             "exactly one of them")
         self.views, self.size, self.seed = views, int(size), int(seed)
+        self.area, self.ratio = [float(a) for a in area], [float(r) for r in ratio]
         self.rank, self.world_size, self.threads, self.device = int(rank), int(world_size), int(threads), device
         self.one_pass = bool(one_pass)
         self.shuffle = (not one_pass) if shuffle is None else bool(shuffle)
@@ -252,8 +253,8 @@ class DaliStream:
             # One crop view alone: decode only the crop window (ROI decoding). Several views: decode once, crop each.
             fused = len(views) == 1 and views[0] != "val"
             if fused:
-                image = fn.decoders.image_random_crop(jpegs, random_area=list(RRC_AREA),
-                                                      random_aspect_ratio=list(RRC_RATIO), num_attempts=10, **decode)
+                image = fn.decoders.image_random_crop(jpegs, random_area=self.area,
+                                                      random_aspect_ratio=self.ratio, num_attempts=10, **decode)
             else:
                 image = fn.decoders.image(jpegs, **decode)
             outs = []
@@ -265,8 +266,8 @@ class DaliStream:
                     if fused:
                         x = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
                     else:
-                        x = fn.random_resized_crop(image, size=[size, size], random_area=list(RRC_AREA),
-                                                   random_aspect_ratio=list(RRC_RATIO), num_attempts=10,
+                        x = fn.random_resized_crop(image, size=[size, size], random_area=self.area,
+                                                   random_aspect_ratio=self.ratio, num_attempts=10,
                                                    interp_type=types.INTERP_LINEAR, antialias=True)
                     mirror = fn.random.coin_flip(probability=0.5)
                     if v == "strong":

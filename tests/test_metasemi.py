@@ -186,15 +186,84 @@ def test_convlarge_size_matches_the_reference():
 def test_reference_flag_spellings():
     a = M.parse_args(["--data-path", "d", "--num-label", "1000", "-a", "convlarge", "--mix-up", "--alpha", "0.1",
                       "--total-steps", "10", "--milestones", "5", "8", "--test-freq", "4", "--wd", "5e-5",
-                      "--batch-size", "16", "--max-iter", "3", "--meta-grad", "jvp"])
-    assert (a.root, a.num_label, a.arch, a.mix_up, a.alpha, a.total_steps, a.milestones, a.eval_interval,
-            a.weight_decay, a.batch_size, a.max_iter, a.meta_grad) == \
+                      "--batch-size", "16", "--stop-after", "3", "--meta-grad", "jvp", "--warmup", "4000"])
+    assert (a.root, a.num_labeled, a.backbone, a.mix_up, a.alpha, a.max_iter, a.milestones, a.eval_interval,
+            a.weight_decay, a.batch_size, a.stop_after, a.meta_grad) == \
         ("d", 1000, "convlarge", True, 0.1, 10, [5, 8], 4, 5e-5, 16, 3, "jvp")
     a.dataset = "cifar10"
-    M.resolve_defaults(a)
+    M.choose_recipe(a)
     assert (a.warmup, a.gamma, a.weight, a.epsilon, a.lr, a.seed) == (4000, 0.1, 1.0, 0.01, 0.1, 1234)
-    b = M.resolve_defaults(M.parse_args(["--dataset", "imagenet"]))
-    assert (b.arch, b.mix_up, b.batch_size, b.epochs, b.warmup) == ("resnet18", True, 512, 600, 5)
+    b = M.choose_recipe(M.parse_args(["--dataset", "imagenet"]))
+    assert (b.backbone, b.mix_up, b.batch_size, b.epochs, b.warmup) == ("resnet18", True, 512, 600, 5)
+
+
+# ---------------------------------------------------------------------------------------------- recipes, schedule
+def test_recipe_is_inferred_from_the_dataset_and_a_given_flag_wins():
+    inferred = M.choose_recipe(M.parse_args(["--dataset", "svhn"]))
+    explicit = M.choose_recipe(M.parse_args(["--dataset", "svhn", "--recipe", "cifar"]))
+    assert inferred.recipe == explicit.recipe == "cifar" and vars(inferred) == vars(explicit)
+    assert (inferred.backbone, inferred.mix_up, inferred.batch_size, inferred.num_labeled, inferred.max_iter,
+            inferred.warmup, inferred.milestones, inferred.gamma, inferred.eval_interval,
+            inferred.eval_batch_size) == ("convlarge", False, 128, 4000, 400000, 4000, [300000, 350000], 0.1, 400, 100)
+    big = M.choose_recipe(M.parse_args(["--dataset", "imagefolder"]))
+    assert (big.recipe, big.imcrop, big.epochs, big.max_iter, big.milestones) == ("imagenet", 224, 600, None, None)
+    # a flag given on the command line beats its recipe value, the others still come from the recipe
+    mine = M.choose_recipe(M.parse_args(["--dataset", "imagenet", "--no-mix_up", "--batch_size", "64",
+                                         "--backbone", "resnet50", "--warmup", "0"]))
+    assert (mine.mix_up, mine.batch_size, mine.backbone, mine.warmup, mine.epochs) == (False, 64, "resnet50", 0, 600)
+    with pytest.raises(UserError, match="--recipe imagenet does not fit cifar10: its recipe is cifar"):
+        M.choose_recipe(M.parse_args(["--dataset", "cifar10", "--recipe", "imagenet"]))
+
+
+def test_max_iter_rescales_the_cifar_schedule_and_given_values_stay():
+    a = M.choose_recipe(M.parse_args(["--dataset", "cifar10", "--max_iter", "1000"]))
+    # the recipe's 300k / 350k and 4000 of 400k iterations, shrunk to 1000
+    assert (a.milestones, a.warmup) == ([750, 875], 10)
+    total, lr_at, rampup = M.schedule(a, iters_per_epoch=7)
+    assert (total, rampup) == (1000, 10)
+    assert np.allclose([lr_at(t) for t in (0, 5, 10, 750, 751, 876)], [0.0, 0.05, 0.1, 0.1, 0.01, 0.001])
+    full = M.choose_recipe(M.parse_args(["--dataset", "cifar10"]))
+    steps = (0, 5, 10, 750, 751, 876)  # the same points of the 400k schedule: 400 x as far
+    assert np.allclose([M.schedule(full, 7)[1](400 * t) for t in steps], [lr_at(t) for t in steps])
+    given = M.choose_recipe(M.parse_args(["--dataset", "cifar10", "--total_steps", "1000", "--milestones", "750",
+                                          "900", "--warmup", "100"]))
+    assert (given.max_iter, given.milestones, given.warmup) == (1000, [750, 900], 100)
+
+
+def test_max_iter_with_epochs_rescales_the_imagenet_schedule():
+    # 10 epochs of 7 iterations: 70 iterations, 5 warmup epochs = 35 iterations, cosine to 70
+    a = M.choose_recipe(M.parse_args(["--dataset", "imagenet", "--epochs", "10"]))
+    total, lr_at, rampup = M.schedule(a, iters_per_epoch=7)
+    assert (total, rampup) == (70, 0)
+    assert [lr_at(t) for t in (0, 34, 69)] == [M.cosine_lr(t, 0.1, 35, 70) for t in (0, 34, 69)]
+    # --max_iter 100 wins over 10 x 7: an epoch of the schedule is now 10 iterations, the warmup 50
+    b = M.choose_recipe(M.parse_args(["--dataset", "imagenet", "--epochs", "10", "--max_iter", "100"]))
+    total, lr_at, _ = M.schedule(b, iters_per_epoch=7)
+    assert total == 100 and [lr_at(t) for t in (0, 49, 50, 99)] == [M.cosine_lr(t, 0.1, 50, 100)
+                                                                     for t in (0, 49, 50, 99)]
+    assert lr_at(49) == pytest.approx(0.1) and lr_at(99) == pytest.approx(0.0)
+
+
+def test_dali_streams_crop_as_the_torchvision_path(tmp_path):
+    # The DALI pipeline that --dali builds holds the torchvision path's crop area and aspect (float32 arguments in
+    # its serialised graph), not common.dali's torchvision defaults, which stay in place for the other scripts.
+    pytest.importorskip("nvidia.dali")
+    import struct
+    from common import dali, datasets
+    root = fakedata.write_imagefolder(tmp_path, num_classes=2, per_class_train=2, per_class_val=1, size=36,
+                                      indexes=False)
+    train = datasets.load("imagefolder", root, "train")
+    crop = M.imagenet_transforms(32)[0].transforms[0]
+    assert (tuple(crop.scale), tuple(crop.ratio)) == (M.CROP_AREA, M.CROP_RATIO) == ((0.1, 1.0), (0.8, 1.25))
+    held = {}
+    for name, kw in (("metasemi", dict(area=M.CROP_AREA, ratio=M.CROP_RATIO)), ("default", {})):
+        stream = dali.DaliStream(files=train.files, labels=train.targets, batch_size=2, size=32, **kw)
+        next(stream)
+        graph = stream._it._pipes[0].serialize()
+        held[name] = {v for v in (0.1, 0.8, 1.25, 0.08, 0.75, 4 / 3) if struct.pack("<f", v) in graph}
+    assert held["metasemi"] == {*crop.scale[:1], *crop.ratio} == {0.1, 0.8, 1.25}
+    assert held["default"] == {0.08, 0.75, 4 / 3}
+    assert (dali.RRC_AREA, dali.RRC_RATIO) == ((0.08, 1.0), (3 / 4, 4 / 3))
 
 
 # --------------------------------------------------------------------------------------------- command line runs
@@ -227,8 +296,8 @@ def summary(logdir, name):
 def test_cifar10_command_line(data, tmp_path, env, meta_grad):
     # The README's command on tiny data (4 labels per class of 6, 2 iterations); the jvp run with a batch of 4.
     batch = 8 if meta_grad == "fd" else 4
-    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40,
-                      "--arch", "convlarge", "--mix_up", "--alpha", 1.0, "--batch_size", batch, "--max_iter", 2,
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", 40,
+                      "--backbone", "convlarge", "--mix_up", "--alpha", 1.0, "--batch_size", batch, "--max_iter", 2,
                       "--meta_grad", meta_grad, "--workers", 0, "--logdir", tmp_path, "--device", "cpu",
                       "--print_freq", 1, env=env)
     assert_ok(proc)
@@ -245,21 +314,24 @@ def test_cifar10_command_line(data, tmp_path, env, meta_grad):
 
 def test_svhn_mat_command_line(data, tmp_path, env):
     # The SVHN-1000 recipe's flags (alpha 0.1, weight decay 5e-5), shrunk; resnet18 at 32 px keeps it quick.
-    proc = run_script("metasemi.py", "--root", data["svhn"], "--num_label", 20, "--alpha", 0.1, "--mix_up",
-                      "--arch", "resnet18", "--batch_size", 4, "--max_iter", 2, "--warmup", 1, "--weight_decay", 5e-5,
-                      "--seed", 7788, "--workers", 0, "--logdir", tmp_path, "--device", "cpu", env=env)
+    proc = run_script("metasemi.py", "--root", data["svhn"], "--num_labeled", 20, "--alpha", 0.1, "--mix_up",
+                      "--backbone", "resnet18", "--batch_size", 4, "--max_iter", 2, "--warmup", 1,
+                      "--weight_decay", 5e-5, "--seed", 7788, "--workers", 0, "--logdir", tmp_path, "--device", "cpu",
+                      env=env)
     assert_ok(proc)
     assert summary(tmp_path, "metasemi-svhn-20-s7788")["iters"] == 2
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
     # In process (main(argv) is what the command line runs) to spare three interpreter start-ups.
-    common = ["--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40, "--mix_up", "--arch", "resnet18",
-              "--batch_size", 8, "--workers", 0, "--device", "cpu", "--deterministic", "--warmup", 1,
+    common = ["--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", 40, "--mix_up", "--backbone",
+              "resnet18", "--batch_size", 8, "--workers", 0, "--device", "cpu", "--deterministic", "--warmup", 1,
               "--eval_interval", 1, "--logdir", tmp_path]
     common = [str(a) for a in common]
     M.main(common + ["--max_iter", "3", "--run_name", "whole"])
-    M.main(common + ["--max_iter", "2", "--run_name", "cut"])
+    M.main(common + ["--max_iter", "3", "--stop_after", "2", "--run_name", "cut"])
+    assert not (tmp_path / "cut" / "summary.json").exists()  # stopped: no claim to a finished run
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
     M.main(common + ["--max_iter", "3", "--run_name", "cut", "--resume", "auto"])
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
@@ -273,11 +345,32 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert len(ma) == 3
 
 
+def test_stop_after_keeps_the_schedule_and_its_extra_evaluation_changes_nothing(data, tmp_path, capsys):
+    # 2 iterations of a 200-iteration schedule (warmup 2, the recipe's 4000 of 400k scaled), stopped between two
+    # scheduled evaluations: the lr is the long run's (0.05 at t = 1; a 2-iteration run would have 0.1), and the
+    # resumed run equals one that ran on without stopping, although the stopped one evaluated at 2.
+    common = [str(a) for a in ("--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", 40, "--mix_up",
+                               "--backbone", "resnet18", "--batch_size", 8, "--workers", 0, "--device", "cpu",
+                               "--deterministic", "--max_iter", 200, "--logdir", tmp_path)]
+    M.main(common + ["--stop_after", "2", "--run_name", "cut"])
+    assert "stopped after iteration 2 of 200 (--stop_after); continue with --resume auto" in capsys.readouterr().out
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    full = M.choose_recipe(M.parse_args(common))
+    assert cut["step"] == 2 and cut["optimizer"]["param_groups"][0]["lr"] == M.schedule(full, 7)[1](1) == 0.05
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    M.main(common + ["--stop_after", "3", "--run_name", "cut", "--resume", "auto"])
+    M.main(common + ["--stop_after", "3", "--run_name", "whole"])
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("whole", "cut"))
+    assert a["step"] == b["step"] == 3 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [m["iter"] for m in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").open())] == [2, 3]
+
+
 def test_feature_map_at_the_end_and_redrawn_from_the_finished_run(data, tmp_path):
     # In process, to spare two interpreter start-ups. 40 labeled, 20 unlabeled and 20 test images (2 per class).
-    args = [str(a) for a in ("--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40, "--arch", "resnet18",
-                             "--batch_size", 8, "--max_iter", 2, "--warmup", 1, "--workers", 0, "--device", "cpu",
-                             "--logdir", tmp_path, "--run_name", "fm", "--plot_features", 25)]
+    args = [str(a) for a in ("--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", 40,
+                             "--backbone", "resnet18", "--batch_size", 8, "--max_iter", 2, "--warmup", 1,
+                             "--workers", 0, "--device", "cpu", "--logdir", tmp_path, "--run_name", "fm",
+                             "--plot_features", 25)]
     M.main(args)
     run = tmp_path / "fm"
     from PIL import Image
@@ -316,8 +409,8 @@ def test_plot_features_bad_values(data, tmp_path, env):
 
 
 def test_two_process_torchrun(data, tmp_path, env):
-    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 40,
-                      "--mix_up", "--arch", "resnet18", "--batch_size", 8, "--max_iter", 2, "--warmup", 1,
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", 40,
+                      "--mix_up", "--backbone", "resnet18", "--batch_size", 8, "--max_iter", 2, "--warmup", 1,
                       "--workers", 0, "--device", "cpu", "--logdir", tmp_path, "--print_freq", 1,
                       "--plot_features", 4, env=env, torchrun=2)
     assert_ok(proc)
@@ -344,7 +437,7 @@ def test_recordio_imagenet_with_dali_on_cpu(data, tmp_path, env):
     dali.pack_recordio(base / "labeled", rec / "train_label", classes=classes)
     dali.pack_recordio(base / "unlabeled", rec / "train_unlabel", classes=classes)
     dali.pack_recordio(root / "val", rec / "val", classes=classes)
-    args = ["--root", rec, "--arch", "resnet18", "--imcrop", 32, "--batch_size", 4, "--max_iter", 2, "--epochs", 2,
+    args = ["--root", rec, "--backbone", "resnet18", "--imcrop", 32, "--batch_size", 4, "--max_iter", 2, "--epochs", 2,
             "--warmup", 1, "--device", "cpu", "--logdir", tmp_path]
     proc = run_script("metasemi.py", *args, "--dali", "--workers", 1, env=env)
     assert_ok(proc)
@@ -357,16 +450,19 @@ def test_recordio_imagenet_with_dali_on_cpu(data, tmp_path, env):
 
 
 def test_bad_inputs(data, tmp_path, env):
-    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_label", 45,
+    proc = run_script("metasemi.py", "--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", 45,
                       "--batch_size", 8, "--max_iter", 2, "--workers", 0, "--device", "cpu", "--logdir", tmp_path,
                       env=env)
-    assert_user_error(proc, "--num_label 45", "divisible", "10 classes")
+    assert_user_error(proc, "45 labels cannot be split evenly over 10 classes", "multiple of 10")
     assert not (tmp_path / "metasemi-cifar10-45-s1234").exists()  # nothing written for a refused run
     base = ["--root", str(data["cifar"]), "--dataset", "cifar10", "--workers", "0", "--device", "cpu",
             "--logdir", str(tmp_path)]
     with pytest.raises(UserError, match="larger than the 60 training images"):
-        M.main(base + ["--num_label", "100"])
+        M.main(base + ["--num_labeled", "100"])
     with pytest.raises(UserError, match="no unlabeled images remain"):
-        M.main(base + ["--num_label", "60"])
-    with pytest.raises(UserError, match="--epochs does not apply"):
+        M.main(base + ["--num_labeled", "60"])
+    with pytest.raises(UserError, match="--epochs does not apply .* use --max_iter"):
         M.main(base + ["--epochs", "3"])
+    with pytest.raises(UserError, match="--recipe imagenet does not fit cifar10"):
+        M.main(base + ["--recipe", "imagenet"])
+    assert not any(tmp_path.iterdir())

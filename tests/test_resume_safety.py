@@ -33,15 +33,15 @@ def base_command(script, data):
     if script == "selftuning":
         return (["--root", data["cars"], "--label_ratio", "15", "--backbone", "resnet18", "--image_size", "32",
                  "--batch_size", "4", "--queue_size", "4", "--projector_dim", "16", "--max_iter", "2",
-                 "--test_interval", "2", *cpu], ["--label_ratio", "30"], ["--backbone", "resnet34"])
+                 "--eval_interval", "2", *cpu], ["--label_ratio", "30"], ["--backbone", "resnet34"])
     if script == "debiaspl":
         return (["--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", "20", "--backbone", "resnet18",
                  "--batch_size", "4", "--mu", "1", "--max_iter", "2", "--image_size", "32", *cpu],
                 ["--num_labeled", "30"], ["--backbone", "resnet34"])
     if script == "metasemi":
-        return (["--root", data["cifar"], "--dataset", "cifar10", "--num_label", "40", "--arch", "resnet18",
+        return (["--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", "40", "--backbone", "resnet18",
                  "--batch_size", "8", "--max_iter", "2", "--warmup", "1", *cpu],
-                ["--num_label", "20"], ["--arch", "resnet34"])
+                ["--num_labeled", "20"], ["--backbone", "resnet34"])
     if script == "metric_transfer":
         return (["--stage", "all", "--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", "20",
                  "--propagation", "knn", "--pseudo_ratio", "0.2", "--max_iter", "2", "--batch_size", "8", *cpu],

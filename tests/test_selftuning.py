@@ -270,7 +270,7 @@ def pretrained_env(tmp_path_factory):
 
 
 def cars_command(cars, logdir, *extra):
-    return ["--root", cars, "--label_ratio", "15", "--pretrained", *TINY, "--test_interval", "3", "--deterministic",
+    return ["--root", cars, "--label_ratio", "15", "--pretrained", *TINY, "--eval_interval", "3", "--deterministic",
             "--logdir", logdir, *extra]
 
 
@@ -305,11 +305,17 @@ def test_stanfordcars_end_to_end_with_pretrained_weights_from_the_hub_cache(cars
 
 def test_resume_equals_an_uninterrupted_run(cars, cars_run, pretrained_env, tmp_path):
     env = pretrained_env[0]
-    assert_ok(run_script("selftuning.py", *cars_command(cars, tmp_path, "--max_iter", "2"), env=env))
+    proc = run_script("selftuning.py", *cars_command(cars, tmp_path, "--max_iter", "3", "--stop_after", "2"), env=env)
+    assert_ok(proc)
+    assert "stopped after iteration 2 of 3 (--stop_after); continue with --resume auto" in proc.stdout
+    cut = tmp_path / "selftuning-stanfordcars-15pct-s666666"
+    assert not (cut / "summary.json").exists()  # no claim to a finished run
+    stopped = load(cut / "checkpoint.pt")
+    assert stopped["step"] == 2 and stopped["scheduler"]["last_epoch"] == 2
+    assert stopped["scheduler"]["milestones"] == load(cars_run / "checkpoint.pt")["scheduler"]["milestones"]
     proc = run_script("selftuning.py", *cars_command(cars, tmp_path, "--max_iter", "3", "--resume"), env=env)
     assert_ok(proc)
     assert "resumed at iteration 2" in proc.stdout
-    cut = tmp_path / "selftuning-stanfordcars-15pct-s666666"
     a, b = load(cars_run / "checkpoint.pt"), load(cut / "checkpoint.pt")
     for part in ("qnet", "key", "queue", "streams"):
         for k in a[part]:
@@ -317,6 +323,7 @@ def test_resume_equals_an_uninterrupted_run(cars, cars_run, pretrained_env, tmp_
     assert metrics(cars_run)[3] == metrics(cut)[3] and list(metrics(cut)) == [1, 2, 3]
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (cars_run, cut))
     assert sa["final_top1"] == sb["final_top1"]
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
 
 
 def test_tiny_cifar100_with_efficientnet_b2(tmp_path, env):
@@ -324,7 +331,7 @@ def test_tiny_cifar100_with_efficientnet_b2(tmp_path, env):
     proc = run_script("selftuning.py", "--root", root, "--backbone", "efficientnet_b2", "--num_labeled", "100",
                       "--expand_label", "--image_size", "32", "--batch_size", "4", "--workers", "0",
                       "--device", "cpu", "--queue_size", "2", "--projector_dim", "16", "--max_iter", "2",
-                      "--test_interval", "2", "--resize_interp", "nearest", "--logdir", tmp_path / "runs", env=env)
+                      "--eval_interval", "2", "--resize_interp", "nearest", "--logdir", tmp_path / "runs", env=env)
     assert_ok(proc)
     d = tmp_path / "runs" / "selftuning-cifar100-100-s666666"
     summary = json.loads((d / "summary.json").read_text())
@@ -335,7 +342,7 @@ def test_tiny_cifar100_with_efficientnet_b2(tmp_path, env):
 
 def test_two_process_torchrun_gathers_keys_from_both_ranks(cars, tmp_path, env):
     proc = run_script("selftuning.py", "--root", cars, "--label_ratio", "30", *TINY, "--max_iter", "2",
-                      "--test_interval", "2", "--logdir", tmp_path, "--run_name", "ddp", env=env, torchrun=2)
+                      "--eval_interval", "2", "--logdir", tmp_path, "--run_name", "ddp", env=env, torchrun=2)
     assert_ok(proc)
     ck = load(tmp_path / "ddp" / "checkpoint.pt")
     # Each rank holds 2 of the 4 images per batch; the queue got all 4 labeled + 4 unlabeled keys per iteration.
@@ -367,6 +374,25 @@ def run_main(argv, capsys):
     return e.value.code, capsys.readouterr()
 
 
+def test_flags_recipes_and_reference_spellings(cars):
+    a = st.parse_args(["--root", str(cars), "--test_interval", "7", "--arch", "efficientnet-b2"])
+    assert (a.eval_interval, a.backbone, a.num_labeled, a.stop_after, a.ten_crop) == (7, "efficientnet_b2", None,
+                                                                                      None, None)
+    # the recipe follows the dataset unless --recipe is given; a given --ten_crop beats both
+    assert (st.choose_recipe(a).recipe, a.dataset, a.ten_crop) == ("finegrained", "stanfordcars", True)
+    b = st.choose_recipe(st.parse_args(["--dataset", "cifar100"]))
+    assert (b.recipe, b.ten_crop) == ("cifar", False)
+    c = st.choose_recipe(st.parse_args(["--root", str(cars), "--recipe", "cifar"]))
+    assert (c.recipe, c.ten_crop) == ("cifar", False)
+    d = st.choose_recipe(st.parse_args(["--root", str(cars), "--recipe", "cifar", "--ten_crop"]))
+    assert (d.recipe, d.ten_crop) == ("cifar", True)
+    e = st.choose_recipe(st.parse_args(["--dataset", "cifar100", "--ten_crop"]))
+    assert (e.recipe, e.ten_crop) == ("cifar", True)
+    for bad in (["--num_labeled", "0"], ["--stop_after", "0"]):
+        with pytest.raises(st.UserError, match=f"{bad[0]} must be at least 1, not 0"):
+            st.parse_args(bad)
+
+
 def test_unavailable_label_ratio_gives_one_line(cars, tmp_path, capsys):
     code, out = run_main(["--root", cars, "--label_ratio", "17", *TINY, "--logdir", tmp_path], capsys)
     assert code == 2 and "Traceback" not in out.err
@@ -390,7 +416,7 @@ def test_label_ratio_100_keeps_the_labeled_pgc_term_and_no_pgc_is_fine_tuning(ca
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(cars, tmp_path, capsys, one_thread):
-    code, out = run_main(["--root", cars, "--label_ratio", "30", *TINY, "--max_iter", "4", "--test_interval", "10",
+    code, out = run_main(["--root", cars, "--label_ratio", "30", *TINY, "--max_iter", "4", "--eval_interval", "10",
                           "--lr", "1e30", "--logdir", tmp_path, "--run_name", "nan"], capsys)
     lines = [l for l in out.err.splitlines() if l.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "last good checkpoint is kept" in lines[0], out.err

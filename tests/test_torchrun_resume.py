@@ -21,14 +21,15 @@ def command(script, data, iters):
     cpu = ["--workers", "0", "--device", "cpu", "--deterministic"]
     if script == "selftuning.py":
         return ["--root", data["cars"], "--label_ratio", "30", "--backbone", "resnet18", "--image_size", "32",
-                "--batch_size", "4", "--queue_size", "4", "--projector_dim", "16", "--max_iter", iters,
-                "--test_interval", "2", *cpu]
+                "--batch_size", "4", "--queue_size", "4", "--projector_dim", "16", "--max_iter", "4",
+                "--stop_after", iters, "--eval_interval", "2", *cpu]
     if script == "debiaspl.py":
         return ["--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", "20", "--backbone", "resnet18",
-                "--batch_size", "4", "--mu", "1", "--max_iter", iters, "--eval_interval", "2", "--image_size", "32",
-                *cpu]
-    return ["--root", data["cifar"], "--dataset", "cifar10", "--num_label", "40", "--arch", "resnet18",
-            "--batch_size", "8", "--max_iter", iters, "--warmup", "1", "--eval_interval", "2", *cpu]
+                "--batch_size", "4", "--mu", "1", "--max_iter", "4", "--stop_after", iters, "--eval_interval", "2",
+                "--image_size", "32", *cpu]
+    return ["--root", data["cifar"], "--dataset", "cifar10", "--num_labeled", "40", "--backbone", "resnet18",
+            "--batch_size", "8", "--max_iter", "4", "--stop_after", iters, "--warmup", "1", "--eval_interval", "2",
+            *cpu]
 
 
 def evaluations(folder):
