@@ -818,16 +818,9 @@ def main(argv=None):
         if int(state.get("num_classes", num_classes)) != num_classes:
             raise UserError(f"{run.dir}/checkpoint.pt has {state['num_classes']} classes, {args.root} has "
                             f"{num_classes}: resume with the same dataset, or pass another --run_name")
-        try:
-            net.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise UserError(f"{run.dir}/checkpoint.pt does not fit this model (--backbone {args.backbone}, --eman "
-                            f"{args.eman}): {str(e).splitlines()[0][:200]}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        runlib.restore(state, {"model": net, "optimizer": optimizer, "scaler": scaler, "x_stream": x_stream,
+                               "u_stream": u_stream}, fits=f"--backbone {args.backbone} --eman {args.eman}")
         qhat = state["qhat"].to(device)
-        x_stream.load_state_dict(state["x_stream"])
-        u_stream.load_state_dict(state["u_stream"])
         start, best = int(state["step"]), float(state["best_top1"])
         runlib.restore_rng_states(state["rng"], dist.rank, lambda: runlib.seed_everything(
             args.seed + 7919 * start, dist.rank, args.deterministic))

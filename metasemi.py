@@ -623,15 +623,8 @@ def main(argv=None):
         if int(ck["step"]) > total:
             raise UserError(f"{run.dir}/checkpoint.pt is at iteration {int(ck['step'])}, beyond --max_iter {total}: "
                             "resume with the run's --max_iter, or pass --run_name NAME to start a new run")
-        try:
-            net.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise UserError(f"{run.dir}/checkpoint.pt does not fit --backbone {args.backbone}: "
-                            f"{str(e).splitlines()[0][:200]}") from None
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        lab_stream.load_state_dict(ck["streams"]["labeled"])
-        unl_stream.load_state_dict(ck["streams"]["unlabeled"])
+        runlib.restore(ck, {"model": net, "optimizer": opt, "scaler": scaler}, fits=f"--backbone {args.backbone}")
+        runlib.restore(ck["streams"], {"labeled": lab_stream, "unlabeled": unl_stream})
         start = int(ck["step"])
         # another world size: fresh streams, still a function of the seed and the step
         runlib.restore_rng_states(ck["rng"], dist.rank, lambda: runlib.seed_everything(args.seed + start, dist.rank,

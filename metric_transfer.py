@@ -836,22 +836,6 @@ def merged_figures(run, figures):
     return {**old, **figures}
 
 
-def restore(state, parts):
-    """Load the checkpoint's entries into this command's objects (key -> module, optimizer, stream, or a tensor to
-    copy into): an entry that does not fit is one line, not a traceback."""
-    for key, obj in parts.items():
-        try:
-            if isinstance(obj, torch.Tensor):
-                if tuple(state[key].shape) != tuple(obj.shape):
-                    raise ValueError(f"shape {tuple(state[key].shape)}, here {tuple(obj.shape)}")
-                obj.copy_(state[key])
-            else:
-                obj.load_state_dict(state[key])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"the checkpoint's {key} does not fit this command ({' '.join(str(e).split())[:300]}): "
-                            "resume with the flags of that run, or pass --run_name NAME to start a new run") from None
-
-
 # ------------------------------------------------------------------------------------------------ stage A: pretrain
 def run_pretrain(args, run, dist, train, test, tfs, state, ready):
     """Instance discrimination; writes pretrain.pt when it completes. Returns whether it did (not cut by
@@ -881,7 +865,7 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
     eval_every = args.eval_interval or passes
     start = 0
     if state is not None and state.get("stage") == "pretrain":
-        restore(state, {"model": net, "memory": memory, "optimizer": opt, "scaler": scaler, "stream": stream})
+        runlib.restore(state, {"model": net, "memory": memory, "optimizer": opt, "scaler": scaler, "stream": stream})
         z_nce.fill_(float(state["z_nce"]))
         start = int(state["step"])
         runlib.restore_rng_states(state["rng"], dist.rank, lambda: runlib.seed_everything(
@@ -1117,7 +1101,7 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
         if not same:
             raise UserError(f"{run.path('checkpoint.pt')} was fine-tuned on other seeds / pseudo-labels: use the same "
                             "--pseudo_file, --pseudo_ratio and --propagation, or another --run_name")
-        restore(state, {"model": net, "optimizer": opt, "scaler": scaler, "stream": stream})
+        runlib.restore(state, {"model": net, "optimizer": opt, "scaler": scaler, "stream": stream})
         start = int(state["step"])
         runlib.restore_rng_states(state["rng"], dist.rank, lambda: runlib.seed_everything(
             args.seed + 1000 * start, dist.rank, args.deterministic))

@@ -574,19 +574,11 @@ def main(argv=None):
         if int(s["step"]) > args.max_iter:
             raise UserError(f"the checkpoint in {run.dir} is at iteration {int(s['step'])}, beyond --max_iter "
                             f"{args.max_iter}: resume with the run's --max_iter, or pass --run_name NAME")
-        try:  # the checkpoint's keys for the two networks stay "qnet" and "key" (also in best.pt)
-            net.load_state_dict(s["qnet"])
-            queue.load_state_dict(s["queue"])
-            if key_net is not None:
-                key_net.load_state_dict(s["key"])
-        except (RuntimeError, KeyError) as e:
-            raise UserError(f"the checkpoint in {run.dir} does not fit --backbone {args.backbone} / --pgc / "
-                            f"--projector_dim / --queue_size ({str(e).splitlines()[0][:120]})") from None
-        optimizer.load_state_dict(s["optimizer"])
-        scheduler.load_state_dict(s["scheduler"])
-        scaler.load_state_dict(s["scaler"])
-        for k, stream in streams.items():
-            stream.load_state_dict(s["streams"][k])
+        # the checkpoint's keys for the two networks stay "qnet" and "key" (also in best.pt)
+        runlib.restore(s, {"qnet": net, "queue": queue, **({"key": key_net} if key_net is not None else {}),
+                           "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+                       fits=f"--backbone {args.backbone} / --pgc / --projector_dim / --queue_size")
+        runlib.restore(s["streams"], streams)
         runlib.restore_rng_states(s["rng"], dist.rank, lambda: runlib.seed_everything(
             args.seed + 1000 * s["step"], dist.rank, args.deterministic))
         start = int(s["step"])

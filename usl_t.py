@@ -563,17 +563,6 @@ def schedule_epoch(step, total, epochs):
     return step * epochs // total
 
 
-def restore(state, parts):
-    """Load the checkpoint's entries into this command's objects: an entry that does not fit is one line, not a
-    traceback."""
-    for key, obj in parts.items():
-        try:
-            obj.load_state_dict(state[key])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"the checkpoint's {key} does not fit this command ({' '.join(str(e).split())[:300]}): "
-                            'resume with the flags of that run, or pass --run_name NAME to start a new run') from None
-
-
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -671,7 +660,7 @@ def main(argv=None):
     step = 0
     if run.resume_state is not None:
         st = run.resume_state
-        restore(st, {'model': net, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
+        runlib.restore(st, {'model': net, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
                      'global_loss': global_loss, 'stream': stream})
         step = int(st['step'])
         runlib.restore_rng_states(st['rng'], dist.rank, lambda: runlib.seed_everything(

@@ -243,6 +243,22 @@ def restore_rng_states(states, rank, reseed):
         reseed()
 
 
+def restore(state, parts, fits="this command"):
+    """Load a checkpoint's entries into a resumed run's objects (key -> module, optimizer, scaler, stream, or a tensor
+    to copy into): an entry that does not fit is one line naming it and what it must fit, not a traceback."""
+    for key, obj in parts.items():
+        try:
+            if isinstance(obj, torch.Tensor):
+                if tuple(state[key].shape) != tuple(obj.shape):
+                    raise ValueError(f"shape {tuple(state[key].shape)}, here {tuple(obj.shape)}")
+                obj.copy_(state[key])
+            else:
+                obj.load_state_dict(state[key])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"the checkpoint's {key} does not fit {fits} ({' '.join(str(e).split())[:300]}): "
+                            "resume with the flags of that run, or pass --run_name NAME to start a new run") from None
+
+
 def _tuples(x):
     # RNG states come back from a weights-only load with lists where tuples were.
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

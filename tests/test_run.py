@@ -251,3 +251,18 @@ def test_stop_leaves_an_unfinished_run_that_resumes(tmp_path, capsys):
     assert not (run.dir / "summary.json").exists() and (run.dir / "checkpoint.pt").exists()
     again = R.Run(make_args(tmp_path, resume="auto"), "m", "d", 4)
     assert again.resume_state["step"] == 2
+
+
+def test_restore_loads_every_entry_or_names_the_one_that_does_not_fit():
+    net, opt_net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(opt_net.parameters(), lr=0.1, momentum=0.9)
+    buf = torch.zeros(4)
+    state = {"model": torch.nn.Linear(3, 2).state_dict(), "optimizer": opt.state_dict(), "queue": torch.arange(4.0)}
+    R.restore(state, {"model": net, "optimizer": opt, "queue": buf})
+    assert torch.equal(net.weight, state["model"]["weight"]) and buf.tolist() == [0, 1, 2, 3]
+    with pytest.raises(UserError, match=r"the checkpoint's model does not fit --backbone x \(.*size mismatch"):
+        R.restore({"model": torch.nn.Linear(3, 5).state_dict()}, {"model": net}, fits="--backbone x")
+    with pytest.raises(UserError, match=r"the checkpoint's queue does not fit this command \(shape \(4,\), here \(2,\)"):
+        R.restore(state, {"queue": torch.zeros(2)})
+    with pytest.raises(UserError, match="the checkpoint's scaler does not fit"):
+        R.restore(state, {"scaler": net})
