@@ -50,7 +50,7 @@ from torch.func import functional_call
 from common import UserError, backbones, dali, datasets, distributed, loaders, splits
 from common import run as runlib
 
-SMALL = ('cifar10', 'cifar100', 'svhn')
+SMALL = ('cifar10', 'cifar100', 'svhn', 'digits')  # digits: scikit-learn's, for CPU runs
 LARGE = ('imagenet', 'imagefolder')
 
 # ----------------------------------------------------------------------------------------------------------- recipes
@@ -204,7 +204,8 @@ def small_transforms(name):
     """Reference dataloader.py: crop 32 with 4 px zero padding, flip (not for SVHN: digits), normalise."""
     import torchvision.transforms as T
     mean, std = datasets.MEAN_STD[name]  # the reference's constants (dataloader.py)
-    train = [T.RandomCrop(32, padding=4)] + ([] if name == "svhn" else [T.RandomHorizontalFlip()])
+    # a mirrored digit is another glyph: no flip on SVHN (the reference) and digits
+    train = [T.RandomCrop(32, padding=4)] + ([] if name in ("svhn", "digits") else [T.RandomHorizontalFlip()])
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(train + norm), T.Compose(norm)
 

@@ -348,22 +348,23 @@ cpu() {
   # CIFAR-10 only in that format: an image folder would be `imagefolder`, which switches them to their ImageNet
   # recipes. Every recipe is cut to minutes per row (hundreds of iterations where the papers run 10^5 to 10^6), so
   # the tables say whether a method beats its base at this length, not what the papers report. ResNet-18 at 32 px
-  # throughout, the cheapest backbone on a CPU. MetaSemi has CIFAR-10 rows only: metasemi.py reads CIFAR-10/100,
-  # SVHN and ImageNet-style data, not digits.
+  # throughout, the cheapest backbone on a CPU.
   # Labeled data alone: debiaspl.py --lambda_u 0 leaves loss = CE(labeled), but the unlabeled strong views still
   # share the student's BatchNorm batch; metasemi.py --no-meta --no-mix_up --weight 0 leaves CE(labeled) + 0 x
   # consistency, whose unlabeled forward still moves the BN running statistics. Neither has a labeled-only mode.
   # Run names start with cpu-, apart from the paper suites' runs of the same data.
-  local D DATA L COUNTS N_FT B DPL MS PRE_EP PRE ST FT USLT seed n sel
+  local D DATA L COUNTS N_FT B DPL MS MSL PRE_EP PRE ST FT USLT seed n sel
   for D in digits ${CIFAR10_ROOT:+cifar10}; do
     if [ "$D" = digits ]; then
       DATA="--root digits --dataset digits" L=50 COUNTS="10 20 50 100" N_FT=20 B=10
       DPL="--epochs 6 --epoch_iters 50" PRE_EP="--epochs 60" ST="--max_iter 300 --eval_interval 100"
       FT="--max_iter 200 --eval_interval 100" USLT="--max_iter 150"
+      MSL="--max_iter 300 --warmup 30 --milestones 225 270 --eval_interval 100"
     else
       DATA="--root $CIFAR10_ROOT --dataset cifar10" L=250 COUNTS="40 250 1000" N_FT=250 B=40
       DPL="--epochs 5 --epoch_iters 200" PRE_EP="--epochs 4" ST="--max_iter 1000 --eval_interval 250"
       FT="--max_iter 1000 --eval_interval 250" USLT="--max_iter 300"
+      MSL="--max_iter 1000 --warmup 100 --milestones 750 900 --eval_interval 250"
     fi
     # FixMatch family: 300 iterations on digits (the README's demo), 1000 on CIFAR-10, instead of 2^20. EMAN teacher
     # and class-marginal momenta 0.99, not 0.999: at 0.999 the teacher of a run this short would still be mostly its
@@ -381,18 +382,15 @@ cpu() {
     done
 
     # MetaSemi (mixup, meta-gradient pseudo-labels) vs --no-meta (the same without the meta step) vs the labeled
-    # images alone: 1000 iterations of 32 labeled + 32 unlabeled instead of 400k of 128 + 128, ResNet-18 instead of
-    # ConvLarge, lr 0.03, warmup and consistency ramp-up 100 steps.
-    if [ "$D" = cifar10 ]; then
-      MS="$DATA --num_labeled $L --backbone resnet18 --mix_up --batch_size 32 --lr 0.03 --max_iter 1000 --warmup 100
-        --milestones 750 900 --eval_interval 250 --workers 0 --device cpu"
-      for seed in $(seeds 0 1 2); do
-        row python metasemi.py $MS --seed $seed --run_name cpu-metasemi-$D-$L-s$seed
-        row python metasemi.py $MS --no-meta --seed $seed --run_name cpu-metasemi-nometa-$D-$L-s$seed
-        row python metasemi.py $MS --no-meta --no-mix_up --weight 0 --seed $seed \
-          --run_name cpu-metasemi-labeled-only-$D-$L-s$seed
-      done
-    fi
+    # images alone: 300 (digits) or 1000 (CIFAR-10) iterations of 32 labeled + 32 unlabeled instead of 400k of
+    # 128 + 128, ResNet-18 instead of ConvLarge, lr 0.03, warmup and consistency ramp-up a tenth of the run.
+    MS="$DATA --num_labeled $L --backbone resnet18 --mix_up --batch_size 32 --lr 0.03 $MSL --workers 0 --device cpu"
+    for seed in $(seeds 0 1 2); do
+      row python metasemi.py $MS --seed $seed --run_name cpu-metasemi-$D-$L-s$seed
+      row python metasemi.py $MS --no-meta --seed $seed --run_name cpu-metasemi-nometa-$D-$L-s$seed
+      row python metasemi.py $MS --no-meta --no-mix_up --weight 0 --seed $seed \
+        --run_name cpu-metasemi-labeled-only-$D-$L-s$seed
+    done
 
     # The backbone of every row below, made without labels: instance discrimination (metric_transfer.py stage A) on
     # the training images, one cosine cycle of 60 epochs (digits) or 4 (CIFAR-10) instead of 1270 SGDR epochs. One

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import fakedata
 import metasemi as M
@@ -466,3 +467,10 @@ def test_bad_inputs(data, tmp_path, env):
     with pytest.raises(UserError, match="--recipe imagenet does not fit cifar10"):
         M.main(base + ["--recipe", "imagenet"])
     assert not any(tmp_path.iterdir())
+
+
+def test_digits_are_never_mirrored():
+    # a mirrored digit is another glyph: SVHN (the reference) and digits train without the flip, CIFAR with it
+    flips = {name: any(isinstance(t, T.RandomHorizontalFlip) for t in M.small_transforms(name)[0].transforms)
+             for name in ("cifar10", "svhn", "digits")}
+    assert flips == {"cifar10": True, "svhn": False, "digits": False}
