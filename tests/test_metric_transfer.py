@@ -146,6 +146,26 @@ def test_knn_propagation_keeps_only_the_k_nearest_seeds():
     assert conf3[0] == pytest.approx(0.99996001, abs=1e-7)
 
 
+def test_knn_propagation_equals_the_plain_float64_computation():
+    # the k most similar seeds by a full sort, weights exp(sim / t) in float64, per class sums: the notebook's
+    # computation, against the blocked matrix products and partial sort (several blocks, k < N_l and k = N_l)
+    rng = np.random.RandomState(0)
+    f = rng.standard_normal((300, 16)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    seeds, queries = np.arange(40), np.arange(40, 300)
+    y_l = rng.randint(0, 4, size=40)
+    for k in (7, 40, 200):
+        sim = f[queries].astype(np.float64) @ f[seeds].T.astype(np.float64)
+        near = np.argsort(-sim, axis=1)[:, :min(k, 40)]
+        scores = np.zeros((len(queries), 4))
+        for c in range(4):
+            scores[:, c] = (np.exp(np.take_along_axis(sim, near, 1) / 0.1) * (y_l[near] == c)).sum(1)
+        p = scores / scores.sum(1, keepdims=True)
+        pred, conf, probs = mt.knn_propagate(f, seeds, y_l, queries, 4, k=k, block=40 * 64)
+        assert pred.tolist() == p.argmax(1).tolist()
+        assert np.abs(conf - p.max(1)).max() < 1e-5 and np.abs(probs - p).max() < 1e-5
+
+
 def two_block_graph(size=20, bridge=True):
     """Two dense blocks (weight 1), one weak edge between them (0.01) and a bridge node (last) tied to both."""
     n = 2 * size + int(bridge)
