@@ -170,7 +170,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_freq", type=int, default=None, metavar="E",
                    help="the reference's spelling, in epochs: --eval_interval E x iterations per epoch")
     g.add_argument("--eval_batch_size", type=int, default=128, help="evaluation batch per rank")
-    g.add_argument("--print_freq", type=int, default=100, help="write train/* scalars every this many iterations")
+    g.add_argument("--log_interval", "--print_freq", shared=True, default=100)
     runlib.add_standard_flags(p)
     args = p.parse_args(argv)
     if args.backbone is not None and args.backbone.endswith("_encoder"):
@@ -850,7 +850,7 @@ def main(argv=None):
     net.train()
     x_iter, u_iter = iter(x_stream), iter(u_stream)
     teacher_top1 = run.evals[-1].get("teacher_top1") if run.evals else None
-    sums, n_sums = {}, 0
+    means, shown = runlib.Means(), {}
     for step in range(start, stop):
         t0 = time.time()
         x, y, _ = next(x_iter)
@@ -870,23 +870,20 @@ def main(argv=None):
             group["lr"] = lr
         loss, parts, qhat, target, mask = train_step(net, optimizer, scaler, x, y, u_views, qhat, args, device,
                                                      clip_target, clip_mask, forward)
-        runlib.check_finite(loss, step + 1, run)
-
-        # summed on the device and read every --print_freq iterations (no extra GPU syncs per iteration)
+        # Summed on the device; read back (and checked for a non-finite loss) only at logging steps, which every
+        # evaluation is, so no checkpoint holds weights that a bad loss has touched.
         u_y = u_y.to(device)
-        stats = {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "mask": mask.mean(),
-                 "pseudo_acc": ((target == u_y).float() * mask).sum() / mask.sum().clamp_min(1), "data_s": data_s}
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n_sums += 1
-        if (step + 1) % args.print_freq == 0 or step + 1 == stop:
-            avg = {k: float(v) / n_sums for k, v in sums.items()}
-            run.log(step + 1, {**{f"train/{k}": v for k, v in avg.items() if k != "data_s"}, "train/lr": lr,
-                               "train/qhat_max": float(qhat.max()), "train/qhat_min": float(qhat.min()),
-                               "time/data_s": avg["data_s"]})
-            sums, n_sums = {}, 0
-        run.progress(step + 1, total, loss=float(loss), mask=float(mask.mean()), lr=lr)
-        if (step + 1) % args.eval_interval == 0 or step + 1 == stop:
+        means.add(loss=loss, **parts, mask=mask.mean(),
+                  pseudo_acc=((target == u_y).float() * mask).sum() / mask.sum().clamp_min(1),
+                  qhat_max=qhat.max(), qhat_min=qhat.min(), data_s=data_s)
+        evaluating = (step + 1) % args.eval_interval == 0 or step + 1 == stop
+        if (step + 1) % args.log_interval == 0 or evaluating:
+            shown = means.read()
+            runlib.check_finite(shown["loss"], step + 1, run)
+            run.log(step + 1, {**{f"train/{k}": v for k, v in shown.items() if k != "data_s"}, "train/lr": lr,
+                               "time/data_s": shown["data_s"]})
+        run.progress(step + 1, total, loss=shown.get("loss"), mask=shown.get("mask"), lr=lr)
+        if evaluating:
             top1, top5, teacher = evaluate()
             best = max(best, top1)
             extra_eval = {}

@@ -140,7 +140,7 @@ def parse_args(argv=None):
                         "one pass over the unlabeled data")
     runlib.add_standard_flags(p)
     g = p.add_argument_group("run: logging and the feature map")
-    g.add_argument("--print_freq", type=int, default=100, help="iterations between train/* scalars")
+    g.add_argument("--log_interval", "--print_freq", shared=True, default=100)
     g.add_argument("--plot_features", type=int, default=0, metavar="N",
                    help="at the end, a t-SNE map of the features of N labeled, N unlabeled and N test images "
                         "(features.png, features.npz); 0 = off. For a finished run, repeat its command with "
@@ -149,7 +149,7 @@ def parse_args(argv=None):
     if args.local_rank is not None:  # the deprecated launcher passes --local-rank; torchrun sets the environment
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     for name in ("batch_size", "eval_batch_size", "max_iter", "epochs", "stop_after", "eval_interval", "num_labeled",
-                 "imcrop", "print_freq"):
+                 "imcrop", "log_interval"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UserError(f"--{name} must be positive, got {v}")
@@ -675,7 +675,7 @@ def main(argv=None):
         loss, l_cls, l_cons, p, y_hat, logits_l = train_step(net, forward, opt, scaler, x_l, y_l, x_u, lr, w,
                                                              args, num_classes, device)
 
-        # Running means of the train figures, reduced over ranks every --print_freq iterations.
+        # Running means of the train figures, reduced over ranks every --log_interval iterations.
         stats = torch.stack([loss.float(), l_cls, l_cons,
                              (p.argmax(1) == y_u).float().mean(), (y_hat.argmax(1) == y_u).float().mean(),
                              (y_hat - p).abs().sum(1).mean(),
@@ -685,7 +685,7 @@ def main(argv=None):
         n_sum += 1
         done = step + 1
         evaluating = done % args.eval_interval == 0 or done == end
-        if done % args.print_freq == 0 or evaluating:
+        if done % args.log_interval == 0 or evaluating:
             avg = distributed.all_reduce_mean(sums / n_sum).tolist()
             # Checked on the rank mean, so every rank stops together, and before any checkpoint is written.
             runlib.check_finite(avg[0], done, run)

@@ -160,6 +160,7 @@ def parse_args(argv=None):
                    help="fine-tuning length in iterations when --max_iter is not given")
     g.add_argument("--stop_after", shared=True, default=None,
                    help="the running training stage stops there with a checkpoint")
+    g.add_argument("--log_interval", shared=True, default=10)
     g.add_argument("--eval_interval", "--eval_freq", shared=True, default=None,
                    help="the reference's --eval_freq (iterations, fine-tuning) is an alias (default: pretraining "
                         "once per pass, fine-tuning 500)")
@@ -888,6 +889,7 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
             args.seed + 1000 * start, dist.rank, args.deterministic))
         if start >= total:
             print(f"[{run.name}] pretraining already at iteration {start} of {total}", flush=True)
+    z_known = bool(z_nce > 0)  # kept on the host: the loop never reads z_nce back
     ready()
     model = distributed.wrap(net, dist)
     forward = torch.compile(model) if args.compile else model
@@ -896,6 +898,7 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
     mean_std = datasets.MEAN_STD.get(args.dataset, datasets.MEAN_STD["imagenet"])
     stop = min(total, args.stop_after) if args.stop_after else total
     net.train()
+    means, shown = runlib.Means(), {}
     for step in range(start, stop):
         lr = pretrain_lr(step, total, args.epochs, args)
         for group in opt.param_groups:
@@ -912,10 +915,10 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
         if args.nce_k == 0:
             loss = softmax_instance_loss(v, idx, memory, args.nce_t)
         else:
-            loss, z = nce_instance_loss(v, idx, memory, args.nce_k, args.nce_t, z_nce if z_nce > 0 else None)
-            if z_nce <= 0:  # every rank uses the same Z (the reference estimates it on one process)
-                z_nce.fill_(float(distributed.all_reduce_mean(z.detach().reshape(1).clone())))
-        runlib.check_finite(loss.detach(), step + 1, run)
+            loss, z = nce_instance_loss(v, idx, memory, args.nce_k, args.nce_t, z_nce if z_known else None)
+            if not z_known:  # every rank uses the same Z (the reference estimates it on one process)
+                z_nce.copy_(distributed.all_reduce_mean(z.detach().reshape(1).clone())[0])
+                z_known = True
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -923,10 +926,15 @@ def run_pretrain(args, run, dist, train, test, tfs, state, ready):
         # The bank sees every rank's batch, so it stays identical on all ranks.
         update_memory(memory, distributed.all_gather_cat(v.detach()), distributed.all_gather_cat(idx), args.nce_m)
         done = step + 1
-        if done % 10 == 0 or done == stop:
-            run.log(done, {"train/pretrain_loss": loss.item(), "train/pretrain_lr": lr, "time/data_s": data_s})
-        run.progress(done, total, loss=loss.item(), lr=lr)
-        if done % eval_every == 0 or done == total or done == stop:
+        means.add(loss=loss, data_s=data_s)
+        evaluating = done % eval_every == 0 or done == total or done == stop
+        if done % args.log_interval == 0 or evaluating:  # the one host read; evaluations write checkpoints
+            shown = means.read()
+            runlib.check_finite(shown["loss"], done, run)
+            run.log(done, {"train/pretrain_loss": shown["loss"], "train/pretrain_lr": lr,
+                           "time/data_s": shown["data_s"]})
+        run.progress(done, total, loss=shown.get("loss"), lr=lr)
+        if evaluating:
             tf = embed(net, test_loader, len(test), dist, device, args.amp)
             top1 = knn_monitor(tf, torch.as_tensor(test.targets, device=device), memory, bank_y, num_classes,
                                200, args.nce_t)
@@ -1132,6 +1140,7 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
         print(f"[{run.name}] fine-tuning on {len(labeled)} seeds + {len(p_idx)} pseudo-labels "
               f"(ratio {args.pseudo_ratio}{correct}) from {source}", flush=True)
     net.train()
+    means, shown = runlib.Means(), {}
     for step in range(start, stop):
         lr = finetune_lr(step, total, args)
         for group in opt.param_groups:
@@ -1143,17 +1152,20 @@ def run_finetune(args, run, dist, train, test, tfs, state, ready):
         with runlib.autocast(device, args.amp):
             logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
-        runlib.check_finite(loss.detach(), step + 1, run)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         done = step + 1
-        if done % 10 == 0 or done == stop:
-            run.log(done, {"train/loss": loss.item(), "train/lr": lr, "time/data_s": data_s,
+        means.add(loss=loss, data_s=data_s)
+        evaluating = done % eval_every == 0 or done == total or done == stop
+        if done % args.log_interval == 0 or evaluating:  # the one host read; evaluations write checkpoints
+            shown = means.read()
+            runlib.check_finite(shown["loss"], done, run)
+            run.log(done, {"train/loss": shown["loss"], "train/lr": lr, "time/data_s": shown["data_s"],
                            **({"train/pseudo_label_acc": pseudo_acc} if pseudo_acc is not None else {})})
-        run.progress(done, total, loss=loss.item(), lr=lr)
-        if done % eval_every == 0 or done == total or done == stop:
+        run.progress(done, total, loss=shown.get("loss"), lr=lr)
+        if evaluating:
             net.eval()
             top1, top5 = runlib.evaluate(net, test_loader, device)
             net.train()

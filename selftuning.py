@@ -139,7 +139,7 @@ def parse_args(argv=None):
                    help="alias --test_interval, the reference's: after iterations 1, 1+N, 1+2N, ... (and 500 and "
                         "the last one)")
     g.add_argument("--save_interval", type=int, default=1000, help="also write the checkpoint every N iterations")
-    g.add_argument("--log_interval", type=int, default=10, help="tensorboard scalars every N iterations")
+    g.add_argument("--log_interval", shared=True, default=10)
     g.add_argument("--seed", shared=True, default=666666, help="of the split, the initialisation and the data")
     runlib.add_standard_flags(p)
     args = p.parse_args(argv)
@@ -617,7 +617,7 @@ def main(argv=None):
         return top1
 
     best = max([e["top1"] for e in run.evals], default=-1.0)
-    sums, count, data_s = {}, 0, 0.0
+    means, shown = runlib.Means(), {}
     net.train()
     if key_net is not None:
         key_net.train()
@@ -629,48 +629,47 @@ def main(argv=None):
             x_u, y_u, _ = next(streams["unlabeled"])
             x_u, y_u = to_device(x_u, device), y_u.to(device)
         x_l, y_l = to_device(x_l, device), y_l.to(device)
-        data_s += time.perf_counter() - t0
+        data_s = time.perf_counter() - t0
 
         with runlib.autocast(device, args.amp):
             out = selftuning_losses(forward, encoder, key_forward, queue, x_l, y_l, x_u, args.temperature,
                                     args.ema_per_forward, args.pgc)
-        runlib.check_finite(out["loss"].detach(), step, run)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
 
-        # Logging: sums stay on the device between log steps (no synchronisation every iteration).
+        # Logging: sums stay on the device between logging steps, which every evaluation and checkpoint is: the
+        # one host read, and the non-finite loss check before anything is written.
         with torch.no_grad():
-            values = {"total_loss": out["loss"].detach(), "classifier_loss": out["ce"].detach(),
-                      "pgc_loss_labeled": out["pgc_l"].detach(), "pgc_loss_unlabeled": out["pgc_u"].detach(),
-                      "labeled_acc": (out["logits_l"].argmax(1) == y_l).float().mean()}
+            values = {"total_loss": out["loss"], "classifier_loss": out["ce"], "pgc_loss_labeled": out["pgc_l"],
+                      "pgc_loss_unlabeled": out["pgc_u"], "labeled_acc": (out["logits_l"].argmax(1) == y_l).float().mean()}
             if "pseudo" in out:
                 values["pseudo_label_acc"] = (out["pseudo"] == y_u).float().mean()  # truth known for these sets
                 values["pseudo_label_confidence"] = out["confidence"].mean()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0) + v
-            count += 1
-        if step % args.log_interval == 0 or step == stop:
-            means = {k: (distributed.all_reduce_mean(v.detach().clone().float()) / count).item()
-                     for k, v in sums.items()}
-            run.log(step, {f"train/{k}": v for k, v in means.items()})
-            run.log(step, {"train/lr": optimizer.param_groups[0]["lr"], "time/data_s": data_s / count})
-            run.progress(step, args.max_iter, loss=means["total_loss"], ce=means["classifier_loss"],
-                         pgc_l=means["pgc_loss_labeled"], pgc_u=means["pgc_loss_unlabeled"])
-            sums, count, data_s = {}, 0, 0.0
-
+            means.add(**values, data_s=data_s)
         # REF evaluates after iterations 1, 1 + N, 1 + 2N, ... and 500; the last iteration is added for final_top1,
         # and the one where --stop_after cuts the run (evaluating leaves the RNG as it was).
-        if (step - 1) % args.eval_interval == 0 or step == 500 or step == args.max_iter or step == stop:
+        evaluating = (step - 1) % args.eval_interval == 0 or step == 500 or step == args.max_iter or step == stop
+        saving = evaluating or step % args.save_interval == 0
+        if step % args.log_interval == 0 or step == stop or saving:
+            shown = means.read()
+            runlib.check_finite(shown["total_loss"], step, run)
+            data_s = shown.pop("data_s")
+            run.log(step, {f"train/{k}": v for k, v in shown.items()})
+            run.log(step, {"train/lr": optimizer.param_groups[0]["lr"], "time/data_s": data_s})
+        run.progress(step, args.max_iter, loss=shown.get("total_loss"), ce=shown.get("classifier_loss"),
+                     pgc_l=shown.get("pgc_loss_labeled"), pgc_u=shown.get("pgc_loss_unlabeled"))
+
+        if evaluating:
             top1 = evaluate(step)
             if top1 > best and dist.is_main:
                 best = top1  # test-set selection, as REF's "best acc": optimistic, reported as best_top1
                 runlib.atomic_write(run.path("best.pt"), lambda f: torch.save(
                     {"qnet": net.state_dict(), "step": step, "top1": top1, "backbone": args.backbone}, f))
             checkpoint(step)
-        elif step % args.save_interval == 0:
+        elif saving:
             checkpoint(step)
 
     if stop < args.max_iter:

@@ -152,6 +152,7 @@ def parse_args(argv=None):
     g.add_argument('--update_head_only', action=argparse.BooleanOptionalAction, recipe=True,
                    help='train the heads only, backbone frozen in eval mode')
     g.add_argument('--seed', shared=True, default=42)
+    g.add_argument('--log_interval', shared=True, default=10)
     g.add_argument('--eval_interval', shared=True, default=None,
                    help='cluster evaluations on the test split (default: once per pass over the data)')
     runlib.add_standard_flags(p)
@@ -685,6 +686,7 @@ def main(argv=None):
         run.log(step, {'test/nmi': h['nmi'], 'test/ari': h['ari'], 'test/clusters': h['clusters']})
 
     # training (one optimiser step per batch; losses summed over heads)
+    means, shown = runlib.Means(), {}
     while step < stop:
         epoch = schedule_epoch(step, total, args.epochs)
         t_data = time.time()
@@ -712,7 +714,6 @@ def main(argv=None):
         loss_g = torch.stack(losses_g).sum() if losses_g else torch.zeros((), device=device)
         loss_l = torch.stack(losses_l).sum() if losses_l else torch.zeros((), device=device)
         loss = loss_g + args.local_loss_scale * loss_l
-        runlib.check_finite(loss.detach(), step + 1, run)  # iterations count from 1, as in the logs
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -722,14 +723,21 @@ def main(argv=None):
             for h, head in enumerate(net.heads):
                 reassign_clusters(head, global_loss.count_ema[h], args.count_ema_min, args.count_ema_max)
         with torch.no_grad():
-            mask_rate = float((F.softmax(z_w[args.head_in_use].float(), 1).max(1).values
-                               > args.confidence_threshold).float().mean())
-        run.log(step, {'train/loss': loss.item(), 'train/loss_global': loss_g.item(), 'train/loss_local': loss_l.item(),
-                       'train/mask_rate': mask_rate, 'time/data_s': data_s})
-        run.progress(step, total, loss=loss.item(), local=loss_l.item(), glob=loss_g.item(), mask=mask_rate)
-        if step % eval_every == 0 or step == total:
+            mask_rate = (F.softmax(z_w[args.head_in_use].float(), 1).max(1).values
+                         > args.confidence_threshold).float().mean()
+        means.add(loss=loss, loss_global=loss_g, loss_local=loss_l, mask_rate=mask_rate, data_s=data_s)
+        evaluating, saving = step % eval_every == 0 or step == total, step % steps_per_epoch == 0 or step == stop
+        if step % args.log_interval == 0 or evaluating or saving:  # the one host read, before anything is written
+            shown = means.read()
+            runlib.check_finite(shown['loss'], step, run)
+            run.log(step, {'train/loss': shown['loss'], 'train/loss_global': shown['loss_global'],
+                           'train/loss_local': shown['loss_local'], 'train/mask_rate': shown['mask_rate'],
+                           'time/data_s': shown['data_s']})
+        run.progress(step, total, loss=shown.get('loss'), local=shown.get('loss_local'),
+                     glob=shown.get('loss_global'), mask=shown.get('mask_rate'))
+        if evaluating:
             evaluate()
-        if step % steps_per_epoch == 0 or step == stop:
+        if saving:
             save()
     if stop < total:
         run.stop(step, total)  # the checkpoint is written; no selection, no summary.json

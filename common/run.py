@@ -51,6 +51,9 @@ SHARED = {
     "stop_after": dict(type=int, metavar="N",
                        help="stop after N iterations with the schedule unchanged (continue with --resume auto)"),
     "eval_interval": dict(type=int, metavar="N", help="iterations between evaluations"),
+    "log_interval": dict(type=int, metavar="N",
+                         help="iterations between train/* scalars, the progress values and the non-finite loss check: "
+                              "the only iterations that read values back from the device, besides evaluations"),
     "dali": dict(action=argparse.BooleanOptionalAction, default=False,
                  help="load and augment with NVIDIA DALI (the same crops and augmentation parameters as the "
                       "torchvision path)"),
@@ -275,6 +278,33 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
 
 
+class Means:
+    """A training loop's running means, summed where they are computed: `add(**values)` every iteration reads
+    nothing back from the device; `read()`, at a logging step, returns Python floats (one host read, averaged over
+    the ranks, which must all call it) and starts a new interval."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, **values):
+        for k, v in values.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = v if k not in self.sums else self.sums[k] + v
+        self.n += 1
+
+    def read(self):
+        if not self.n:
+            return {}
+        order, tensors = list(self.sums), [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        out = {k: v / self.n for k, v in self.sums.items() if k not in tensors}
+        if tensors:
+            device = self.sums[tensors[0]].device
+            means = torch.stack([self.sums[k].to(device).reshape(()) for k in tensors]) / self.n
+            out.update(zip(tensors, distributed.all_reduce_mean(means).tolist()))
+        self.sums, self.n = {}, 0
+        return {k: out[k] for k in order}
+
+
 def check_finite(loss, step, run):
     value = float(loss)
     if not math.isfinite(value):
@@ -454,6 +484,7 @@ class Run:
                 self.log(step, {"time/iter_per_s": (step - s0) / (now - t0)})
             self._rate = (now, step)
         show = self.args.progress if self.args.progress is not None else sys.stdout.isatty()
+        values = {k: v for k, v in values.items() if v is not None}  # e.g. a loop's means before its first read
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
         if show:
             if self._bar is None:

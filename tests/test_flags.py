@@ -13,7 +13,7 @@ TRAINING = ["selftuning", "debiaspl", "metric_transfer", "usl_t", "metasemi"]
 HAS = {  # shared flag -> the scripts where it applies
     **{f: SCRIPTS for f in ("root", "dataset", "download", "recipe", "backbone", "pretrained", "batch_size",
                             "workers", "seed")},
-    **{f: TRAINING for f in ("lr", "weight_decay", "max_iter", "stop_after", "eval_interval")},
+    **{f: TRAINING for f in ("lr", "weight_decay", "max_iter", "stop_after", "eval_interval", "log_interval")},
     "epochs": ["debiaspl", "metric_transfer", "usl_t", "metasemi"],
     "num_labeled": ["selftuning", "debiaspl", "metric_transfer", "metasemi"],
     "budget": ["usl", "usl_t"],

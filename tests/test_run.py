@@ -3,6 +3,7 @@ import argparse
 import json
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,16 @@ def test_restore_loads_every_entry_or_names_the_one_that_does_not_fit():
         R.restore(state, {"queue": torch.zeros(2)})
     with pytest.raises(UserError, match="the checkpoint's scaler does not fit"):
         R.restore(state, {"scaler": net})
+
+
+def test_means_sum_on_the_device_and_read_once():
+    m = R.Means()
+    assert m.read() == {}
+    m.add(loss=torch.tensor(1.0), acc=torch.tensor(0.5), data_s=0.25)
+    m.add(loss=torch.tensor(3.0), acc=torch.tensor(1.0), data_s=0.75)
+    assert m.read() == {"loss": 2.0, "acc": 0.75, "data_s": 0.5}  # in the order added, Python floats
+    assert m.read() == {}  # a new interval
+    m.add(loss=torch.tensor(float("nan")))
+    m.add(loss=torch.tensor(1.0))
+    with pytest.raises(UserError, match="the loss is nan at iteration 2"):  # one bad step spoils the interval's mean
+        R.check_finite(m.read()["loss"], 2, types.SimpleNamespace(path=lambda name: Path("/nonexistent") / name))
