@@ -5,13 +5,16 @@ All steps run metasemi.train_step with --mix_up on the same network and the same
 over both; the meta step adds one eval-mode labeled forward + backward and two perturbed unlabeled forwards (fd),
 or one forward-mode pass in place of the three unlabeled forwards (jvp). Counting a backward as two forwards:
 12/7 = 1.71x (2.0x if the labeled and unlabeled batches cost the same as the training passes). Target: <= 2.2x for
-fd; the jvp ratio is printed beside it.
+fd; the jvp ratio is printed beside it. The "piece" rows time the meta step's parts alone (the breakdown): the fd
+step should cost the baseline + one labeled forward + backward + two perturbed forwards.
 
     python benchmarks/step_cost.py metasemi --threads 1 --arch convlarge --batch_size 8
 """
 import argparse
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 import metasemi
 from common import backbones
@@ -43,5 +46,29 @@ def build(args):
             metasemi.train_step(net, net, opt, scaler, x_l, y_l, x_u, 0.01, 1.0, flags, args.num_classes, device)
         return step
 
+    # The pieces of the meta step, each alone on the same network, for the breakdown: what the fd step adds to the
+    # baseline should be one labeled forward + backward and two perturbed forwards.
+    torch.manual_seed(0)
+    net = metasemi.Classifier(backbones.build(args.arch), args.num_classes).eval()
+    names, params = zip(*[(n, q) for n, q in net.named_parameters() if q.requires_grad])
+    shifted = dict(zip(names, [q.detach() + 1e-3 for q in params]))
+
+    def labeled_forward_backward():
+        torch.autograd.grad(F.cross_entropy(net(x_l), y_l), params)
+
+    @torch.no_grad()
+    def eval_forward():
+        net(x_u)
+
+    @torch.no_grad()
+    def perturbed_forward():
+        functional_call(net, shifted, (x_u,))
+
+    def meta_direction():
+        metasemi.meta_direction(net, x_l, y_l, x_u)
+
     return {"no meta step (eval-mode pseudo-labels)": stepper(False), "MetaSemi --meta_grad fd": stepper(True, "fd"),
-            "MetaSemi --meta_grad jvp": stepper(True, "jvp")}
+            "MetaSemi --meta_grad jvp": stepper(True, "jvp"), "  piece: meta_direction fd": meta_direction,
+            "  piece: labeled eval forward + backward": labeled_forward_backward,
+            "  piece: unlabeled eval forward": eval_forward, "  piece: perturbed forward (functional_call)":
+            perturbed_forward}
