@@ -442,14 +442,17 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
     sum(score). Returns (prediction, confidence = max p, p or None), all for query_idx.
 
     The seeds are few, so the similarities are exact, one matrix product per block of queries (`block` entries of
-    the query x seed matrix, cache-sized); the k-th largest of each row comes from a partial sort (np.partition on the
-    CPU, 6x faster there than torch.topk; torch.kthvalue on a GPU), the weights exp((sim - row max) / t) (the row's
-    scale cancels in p) of the seeds at or above it go into one product with the one-hot seed labels."""
+    the query x seed matrix, cache-sized), and the k nearest seeds of each row come from a partial sort (numpy's
+    partition on the CPU, 6x faster there than torch.topk; torch on a GPU). The weights are exp((sim - row max) / t):
+    the row's scale cancels in p. With few classes they go through one product with the one-hot seed labels, masked
+    below the k-th similarity; with many (ImageNet's 1000), the k weights of each row are added into its classes."""
     device = torch.device(device)
     seeds = torch.from_numpy(np.ascontiguousarray(features[labeled_idx], dtype=np.float32)).to(device)
     n_l = len(seeds)
     k = min(n_l, k)
-    onehot = F.one_hot(torch.as_tensor(np.asarray(labeled_y, dtype=np.int64)), num_classes).float().to(device)
+    labels = torch.as_tensor(np.asarray(labeled_y, dtype=np.int64), device=device)
+    dense = num_classes <= 32
+    onehot = F.one_hot(labels, num_classes).float() if dense else None
     n = len(query_idx)
     pred, conf = np.empty(n, np.int64), np.empty(n, np.float32)
     probs = np.empty((n, num_classes), np.float32) if keep_probs else None
@@ -457,15 +460,25 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
     for s in range(0, n, rows):
         q = torch.from_numpy(np.ascontiguousarray(features[query_idx[s:s + rows]], dtype=np.float32)).to(device)
         sim = q @ seeds.T
-        top = sim.max(1, keepdim=True).values
-        w = torch.exp((sim - top) / t)
-        if k < n_l:
-            if device.type == "cpu":
-                kth = torch.from_numpy(np.partition(sim.numpy(), n_l - k, axis=1)[:, n_l - k:n_l - k + 1])
+        if dense:
+            w = torch.exp((sim - sim.max(1, keepdim=True).values) / t)
+            if k < n_l:
+                if device.type == "cpu":
+                    kth = torch.from_numpy(np.partition(sim.numpy(), n_l - k, axis=1)[:, n_l - k:n_l - k + 1])
+                else:
+                    kth = sim.kthvalue(n_l - k + 1, dim=1, keepdim=True).values
+                w.masked_fill_(sim < kth, 0.0)
+            scores = w @ onehot
+        else:
+            if k == n_l:
+                near = torch.arange(n_l, device=device).expand(len(q), n_l)
+            elif device.type == "cpu":
+                near = torch.from_numpy(np.argpartition(sim.numpy(), n_l - k, axis=1)[:, n_l - k:])
             else:
-                kth = sim.kthvalue(n_l - k + 1, dim=1, keepdim=True).values
-            w.masked_fill_(sim < kth, 0.0)
-        scores = w @ onehot
+                near = sim.topk(k, dim=1, sorted=False).indices
+            top = sim.gather(1, near)
+            w = torch.exp((top - top.max(1, keepdim=True).values) / t)
+            scores = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, labels[near], w)
         p = scores / scores.sum(1, keepdim=True)
         c, y = p.max(1)
         pred[s:s + len(q)], conf[s:s + len(q)] = y.cpu().numpy(), c.cpu().numpy()

@@ -153,17 +153,18 @@ def test_knn_propagation_equals_the_plain_float64_computation():
     f = rng.standard_normal((300, 16)).astype(np.float32)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     seeds, queries = np.arange(40), np.arange(40, 300)
-    y_l = rng.randint(0, 4, size=40)
-    for k in (7, 40, 200):
-        sim = f[queries].astype(np.float64) @ f[seeds].T.astype(np.float64)
-        near = np.argsort(-sim, axis=1)[:, :min(k, 40)]
-        scores = np.zeros((len(queries), 4))
-        for c in range(4):
-            scores[:, c] = (np.exp(np.take_along_axis(sim, near, 1) / 0.1) * (y_l[near] == c)).sum(1)
-        p = scores / scores.sum(1, keepdims=True)
-        pred, conf, probs = mt.knn_propagate(f, seeds, y_l, queries, 4, k=k, block=40 * 64)
-        assert pred.tolist() == p.argmax(1).tolist()
-        assert np.abs(conf - p.max(1)).max() < 1e-5 and np.abs(probs - p).max() < 1e-5
+    for c in (4, 40):  # few classes (a product with one-hot labels) and many (the k weights added per class)
+        y_l = rng.randint(0, c, size=40)
+        for k in (7, 40, 200):
+            sim = f[queries].astype(np.float64) @ f[seeds].T.astype(np.float64)
+            near = np.argsort(-sim, axis=1)[:, :min(k, 40)]
+            scores = np.zeros((len(queries), c))
+            for j in range(c):
+                scores[:, j] = (np.exp(np.take_along_axis(sim, near, 1) / 0.1) * (y_l[near] == j)).sum(1)
+            p = scores / scores.sum(1, keepdims=True)
+            pred, conf, probs = mt.knn_propagate(f, seeds, y_l, queries, c, k=k, block=40 * 64)
+            assert pred.tolist() == p.argmax(1).tolist(), (c, k)
+            assert np.abs(conf - p.max(1)).max() < 1e-5 and np.abs(probs - p).max() < 1e-5, (c, k)
 
 
 def two_block_graph(size=20, bridge=True):
