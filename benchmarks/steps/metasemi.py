@@ -5,7 +5,7 @@ All steps run metasemi.train_step with --mix_up on the same network and the same
 over both; the meta step adds one eval-mode labeled forward + backward and two perturbed unlabeled forwards (fd),
 or one forward-mode pass in place of the three unlabeled forwards (jvp). Counting a backward as two forwards:
 12/7 = 1.71x (2.0x if the labeled and unlabeled batches cost the same as the training passes). Target: <= 2.2x for
-fd; the jvp ratio is printed beside it. The "piece" rows time the meta step's parts alone (the breakdown): the fd
+fd; the jvp and `--meta_p mean` (11/7 = 1.57x) ratios are printed beside it. The "piece" rows time the meta step's parts alone (the breakdown): the fd
 step should cost the baseline + one labeled forward + backward + two perturbed forwards.
 
     python benchmarks/step_cost.py metasemi --threads 1 --arch convlarge --batch_size 8
@@ -35,12 +35,13 @@ def build(args):
     x_u = torch.randn(b, 3, s, s, generator=g)
     device = torch.device("cpu")
 
-    def stepper(meta, meta_grad="fd"):
+    def stepper(meta, meta_grad="fd", meta_p="eval"):
         torch.manual_seed(0)
         net = metasemi.Classifier(backbones.build(args.arch), args.num_classes).train()
         opt = torch.optim.SGD(net.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        flags = argparse.Namespace(meta=meta, meta_grad=meta_grad, epsilon=0.01, mix_up=True, alpha=1.0, amp="off")
+        flags = argparse.Namespace(meta=meta, meta_grad=meta_grad, meta_p=meta_p, epsilon=0.01, mix_up=True,
+                                   alpha=1.0, amp="off")
 
         def step():
             metasemi.train_step(net, net, opt, scaler, x_l, y_l, x_u, 0.01, 1.0, flags, args.num_classes, device)
@@ -67,8 +68,15 @@ def build(args):
     def meta_direction():
         metasemi.meta_direction(net, x_l, y_l, x_u)
 
+    # --meta_p mean: how far its pseudo-labels are from the default's, on these batches
+    y_eval = metasemi.meta_pseudo_labels(net, x_l, y_l, x_u, 0.1)[1]
+    y_mean = metasemi.meta_pseudo_labels(net, x_l, y_l, x_u, 0.1, meta_p="mean")[1]
+    print(f"--meta_p mean vs eval, lr 0.1: pseudo-labels differ by at most {(y_mean - y_eval).abs().max():.2e} "
+          f"(largest entry {y_eval.abs().max():.2f}), same argmax for {(y_mean.argmax(1) == y_eval.argmax(1)).float().mean():.0%}")
+
     return {"no meta step (eval-mode pseudo-labels)": stepper(False), "MetaSemi --meta_grad fd": stepper(True, "fd"),
-            "MetaSemi --meta_grad jvp": stepper(True, "jvp"), "  piece: meta_direction fd": meta_direction,
+            "MetaSemi --meta_grad jvp": stepper(True, "jvp"), "MetaSemi fd --meta_p mean": stepper(True, "fd", "mean"),
+            "  piece: meta_direction fd": meta_direction,
             "  piece: labeled eval forward + backward": labeled_forward_backward,
             "  piece: unlabeled eval forward": eval_forward, "  piece: perturbed forward (functional_call)":
             perturbed_forward}
