@@ -2,11 +2,11 @@
 
 All steps run metasemi.train_step with --mix_up on the same network and the same fixed batches: the baseline
 (--no-meta) makes one eval-mode unlabeled forward, the mixed and the unlabeled training forwards and one backward
-over both; the meta step adds one eval-mode labeled forward + backward and two perturbed unlabeled forwards (fd),
-or one forward-mode pass in place of the three unlabeled forwards (jvp). Counting a backward as two forwards:
-12/7 = 1.71x (2.0x if the labeled and unlabeled batches cost the same as the training passes) for
-fd; the jvp and `--meta_p mean` (11/7 = 1.57x) ratios are printed beside it. The "piece" rows time the meta step's parts alone (the breakdown): the fd
-step should cost the baseline + one labeled forward + backward + two perturbed forwards.
+over both; the meta step adds one eval-mode labeled forward + backward and two perturbed unlabeled forwards (fd), or
+one forward-mode pass in place of the three unlabeled forwards (jvp). Counting a backward as two forwards: 12/7 =
+1.71x (2.0x if the labeled and unlabeled batches cost the same as the training passes) for fd; the jvp and `--meta_p
+mean` (11/7 = 1.57x) ratios are printed beside it. The "piece" rows time the meta step's parts alone (the breakdown):
+the fd step should cost the baseline + one labeled forward + backward + two perturbed forwards.
 
     python benchmarks/step_cost.py metasemi --threads 1 --arch convlarge --batch_size 8
 """
