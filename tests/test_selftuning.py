@@ -357,16 +357,8 @@ def test_missing_root_gives_one_line(tmp_path, env):
     assert not list(tmp_path.glob("selftuning-*"))  # nothing written for a run that could not start
 
 
-# In-process runs (no interpreter start-up): main() is what the command line calls. One thread, as the
-# subprocesses (conftest sets OMP_NUM_THREADS=1): on a busy 2-core machine two threads are several times slower.
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+# In-process runs (no interpreter start-up): main() is what the command line calls, on one thread as the
+# subprocesses (conftest's one_thread fixture).
 def run_main(argv, capsys):
     from common import run as runlib
     with pytest.raises(SystemExit) as e:
