@@ -442,10 +442,10 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
     sum(score). Returns (prediction, confidence = max p, p or None), all for query_idx.
 
     The seeds are few, so the similarities are exact, one matrix product per block of queries (`block` entries of
-    the query x seed matrix, cache-sized), and the k nearest seeds of each row come from a partial sort (numpy's
-    partition on the CPU, 6x faster there than torch.topk; torch on a GPU). The weights are exp((sim - row max) / t):
-    the row's scale cancels in p. With few classes they go through one product with the one-hot seed labels, masked
-    below the k-th similarity; with many (ImageNet's 1000), the k weights of each row are added into its classes."""
+    the query x seed matrix, cache-sized). The weights are exp((sim - row max) / t): the row's scale cancels in p.
+    With few classes they go through one product with the one-hot seed labels, masked below the k-th similarity
+    (numpy's partition on the CPU, 6x faster there than torch.kthvalue); with many (ImageNet's 1000), the k nearest
+    seeds come from neighbors.topk and their weights are added into their classes."""
     device = torch.device(device)
     seeds = torch.from_numpy(np.ascontiguousarray(features[labeled_idx], dtype=np.float32)).to(device)
     n_l = len(seeds)
@@ -470,12 +470,7 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
                 w.masked_fill_(sim < kth, 0.0)
             scores = w @ onehot
         else:
-            if k == n_l:
-                near = torch.arange(n_l, device=device).expand(len(q), n_l)
-            elif device.type == "cpu":
-                near = torch.from_numpy(np.argpartition(sim.numpy(), n_l - k, axis=1)[:, n_l - k:])
-            else:
-                near = sim.topk(k, dim=1, sorted=False).indices
+            near = neighbors.topk(sim, k)
             top = sim.gather(1, near)
             w = torch.exp((top - top.max(1, keepdim=True).values) / t)
             scores = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, labels[near], w)

@@ -83,3 +83,16 @@ def test_use_gpu_needs_a_cuda_device_and_a_faiss_that_sees_a_gpu(monkeypatch):
     assert neighbors.use_gpu(torch.device("cuda")) is False
     monkeypatch.setattr(neighbors, "_faiss", lambda: types.SimpleNamespace(get_num_gpus=lambda: 1))  # faiss-cpu
     assert neighbors.use_gpu(torch.device("cuda")) is False
+
+
+@pytest.mark.parametrize("n,k", [(1000, 7), (13001, 200), (999, 300), (50, 1), (50, 49), (20, 20), (20, 35)])
+def test_topk_holds_the_k_largest_entries_of_each_row(n, k):
+    # the grouped selection (1000/7: 11 interleaved columns per group; 13001/200: 8 per group and one left over)
+    # and its edges (a single group per column, k = N - 1, k >= N) against torch.topk, with ties
+    scores = torch.from_numpy(np.random.RandomState(n + k).randn(23, n).astype(np.float32))
+    scores[:, ::3] = scores[:, ::3].round()
+    ids = neighbors.topk(scores, k)
+    assert ids.shape == (23, min(n, k))
+    assert all(len(set(row)) == min(n, k) for row in ids.tolist())
+    expected = scores.topk(min(n, k), dim=1).values
+    assert torch.equal(scores.gather(1, ids).sort(1).values, expected.sort(1).values)
