@@ -444,8 +444,8 @@ def knn_propagate(features, labeled_idx, labeled_y, query_idx, num_classes, k=20
     The seeds are few, so the similarities are exact, one matrix product per block of queries (`block` entries of
     the query x seed matrix, cache-sized). The weights are exp((sim - row max) / t): the row's scale cancels in p.
     With few classes they go through one product with the one-hot seed labels, masked below the k-th similarity
-    (numpy's partition on the CPU); with many (ImageNet's 1000), the k nearest
-    seeds come from neighbors.topk and their weights are added into their classes."""
+    (numpy's partition on the CPU); with many (ImageNet's 1000), the k nearest seeds come from neighbors.topk and
+    their weights are added into their classes."""
     device = torch.device(device)
     seeds = torch.from_numpy(np.ascontiguousarray(features[labeled_idx], dtype=np.float32)).to(device)
     n_l = len(seeds)
