@@ -423,16 +423,19 @@ class GlobalLoss(nn.Module):
 def reassign_clusters(head, count_ema, min_th, max_th, generator=None):
     """ImageNet re-seeding (DeeperCluster-style): if the smallest cluster count < min_th and the largest > max_th,
     the smallest cluster's weight row becomes the largest's, both nudged by +-1e-7 noise in opposite directions,
-    and each gets half the count. Returns True when a move happened."""
-    small, big = int(count_ema.argmin()), int(count_ema.argmax())
-    if not (count_ema[small] < min_th and count_ema[big] > max_th):
-        return False
+    and each gets half the count. Decided on the device, as torch.where of both outcomes, so that no step waits for
+    a host read; the noise is drawn at every call, from `generator`. Returns the 1-element bool tensor "moved"."""
+    small, big = count_ema.argmin().view(1), count_ema.argmax().view(1)
+    low, high = count_ema.index_select(0, small), count_ema.index_select(0, big)
+    moved = (low < min_th) & (high > max_th)
     w = head.weight
-    noise = torch.randn(w.shape[1], generator=generator).to(w) * 1e-7
-    w[small] = w[big] - noise
-    w[big] = w[big] + noise
-    count_ema[small] = count_ema[big] = count_ema[big] / 2
-    return True
+    noise = torch.randn(1, w.shape[1], generator=generator, device=w.device).to(w.dtype) * 1e-7
+    w_small, w_big = w.index_select(0, small), w.index_select(0, big)
+    w.index_copy_(0, small, torch.where(moved[:, None], w_big - noise, w_small))
+    w.index_copy_(0, big, torch.where(moved[:, None], w_big + noise, w_big))
+    count_ema.index_copy_(0, small, torch.where(moved, high / 2, low))
+    count_ema.index_copy_(0, big, torch.where(moved, high / 2, high))
+    return moved
 
 
 # --------------------------------------------------------------------------------------------------- neighbours
@@ -658,11 +661,15 @@ def main(argv=None):
     total = args.max_iter if args.max_iter is not None else args.epochs * steps_per_epoch
     stop = min(total, args.stop_after) if args.stop_after else total
     eval_every = args.eval_interval or steps_per_epoch
+    # the re-seeding noise: its own stream, the same on every rank (their heads stay equal), saved with the run
+    reseed_rng = torch.Generator(device).manual_seed(args.seed)
     step = 0
     if run.resume_state is not None:
         st = run.resume_state
         runlib.restore(st, {'model': net, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
                      'global_loss': global_loss, 'stream': stream})
+        if 'reseed_rng' in st:
+            reseed_rng.set_state(st['reseed_rng'])
         step = int(st['step'])
         runlib.restore_rng_states(st['rng'], dist.rank, lambda: runlib.seed_everything(
             args.seed + 1000 * step, dist.rank, args.deterministic))
@@ -674,7 +681,8 @@ def main(argv=None):
         run.save_checkpoint({'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
                              'scaler': scaler.state_dict(), 'local_loss': local_loss.state_dict(),
                              'global_loss': global_loss.state_dict(), 'stream': stream.state_dict(),
-                             'rng': runlib.rng_states(), 'step': step, 'neighbors': torch.from_numpy(neighbor_ids)})
+                             'rng': runlib.rng_states(), 'reseed_rng': reseed_rng.get_state(), 'step': step,
+                             'neighbors': torch.from_numpy(neighbor_ids)})
 
     def evaluate():
         net.eval()
@@ -721,7 +729,7 @@ def main(argv=None):
         step += 1
         if args.reassign_after_steps >= 0 and step > args.reassign_after_steps:
             for h, head in enumerate(net.heads):
-                reassign_clusters(head, global_loss.count_ema[h], args.count_ema_min, args.count_ema_max)
+                reassign_clusters(head, global_loss.count_ema[h], args.count_ema_min, args.count_ema_max, reseed_rng)
         with torch.no_grad():
             mask_rate = (F.softmax(z_w[args.head_in_use].float(), 1).max(1).values
                          > args.confidence_threshold).float().mean()

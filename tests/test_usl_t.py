@@ -87,6 +87,19 @@ def test_reassign_clusters():
     assert not usl_t.reassign_clusters(head, counts, 100, 1000)
 
 
+def test_reassign_clusters_moves_only_when_both_bounds_are_crossed_with_the_generators_noise():
+    head = torch.nn.Linear(3, 3)
+    w0 = head.weight.detach().clone()
+    counts = torch.tensor([500.0, 2000.0, 700.0])  # the smallest is not below 100: no move, nothing written
+    assert not usl_t.reassign_clusters(head, counts, 100, 1000, torch.Generator().manual_seed(1))
+    assert torch.equal(head.weight, w0) and counts.tolist() == [500.0, 2000.0, 700.0]
+    counts = torch.tensor([50.0, 2000.0, 500.0])
+    assert usl_t.reassign_clusters(head, counts, 100, 1000, torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 3, generator=torch.Generator().manual_seed(1))[0] * 1e-7
+    assert torch.equal(head.weight[0], w0[1] - noise) and torch.equal(head.weight[1], w0[1] + noise)
+    assert torch.equal(head.weight[2], w0[2]) and counts.tolist() == [1000.0, 1000.0, 500.0]
+
+
 def test_select_cifar_confidence_and_empty_cluster():
     # head 0 predicts clusters [0, 0, 1, 1, 0]; cluster 2 is empty
     p0 = torch.tensor([[.6, .3, .1], [.8, .1, .1], [.2, .7, .1], [.1, .5, .4], [.5, .4, .1]])
@@ -152,12 +165,15 @@ SMALL = ['--dataset', 'cifar10', '--budget', 4, '--backbone', 'wrn28_2', '--batc
          '--workers', 0, '--device', 'cpu', '--deterministic', '--eval_interval', 1]
 
 
-def test_cli_cifar_resume_equals_uninterrupted(cifar, env):
+# with re-seeding at every step (bounds every count crosses): its noise stream must resume too
+@pytest.mark.parametrize('reseeding', [[], ['--reassign_after_steps', 0, '--count_ema_min', 1e9, '--count_ema_max', -1]],
+                         ids=['plain', 'reseeding'])
+def test_cli_cifar_resume_equals_uninterrupted(cifar, env, reseeding):
     root, tmp = cifar
-    logdir = tmp / 'runs'
+    logdir = tmp / ('runs-reseeding' if reseeding else 'runs')
     # a schedule that matters: the global loss from epoch 1 of 2, i.e. from iteration 3 of 4 (--max_iter stretches
     # the epochs to 2 iterations each); --stop_after keeps it, where a 2-iteration run would start it at iteration 2
-    flags = [*SMALL, '--max_iter', 4, '--epochs', 2, '--global_start_epoch', 1, '--logdir', logdir]
+    flags = [*SMALL, '--max_iter', 4, '--epochs', 2, '--global_start_epoch', 1, '--logdir', logdir, *reseeding]
     full = run_script('usl_t.py', '--root', root, *flags, '--run_name', 'full', env=env)
     assert_ok(full)
     half = run_script('usl_t.py', '--root', root, *flags, '--stop_after', 2, '--run_name', 'cut', env=env)
