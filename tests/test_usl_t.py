@@ -166,8 +166,8 @@ SMALL = ['--dataset', 'cifar10', '--budget', 4, '--backbone', 'wrn28_2', '--batc
 
 
 # with re-seeding at every step (bounds every count crosses): its noise stream must resume too
-@pytest.mark.parametrize('reseeding', [[], ['--reassign_after_steps', 0, '--count_ema_min', 1e9, '--count_ema_max', -1]],
-                         ids=['plain', 'reseeding'])
+@pytest.mark.parametrize('reseeding', [[], ['--reassign_after_steps', 0, '--count_ema_min', 1e9,
+                                              '--count_ema_max', -1]], ids=['plain', 'reseeding'])
 def test_cli_cifar_resume_equals_uninterrupted(cifar, env, reseeding):
     root, tmp = cifar
     logdir = tmp / ('runs-reseeding' if reseeding else 'runs')
