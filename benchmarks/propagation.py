@@ -4,6 +4,7 @@
     python benchmarks/propagation.py --imagenet         # also kNN at ImageNet scale (1,281,167 x 128)
     python benchmarks/propagation.py --imagenet --imagenet_spectral   # and spectral there (hours, ~10 GB)
     python benchmarks/propagation.py --only "50k" --threads 0 --busy 1  # idle, then one core kept busy
+    python benchmarks/propagation.py --topk             # kNN's top-200 of 13,000 seeds alone, three ways
 
 Every measurement runs in a fresh subprocess, so its peak resident memory (VmHWM from /proc/self/status, which counts
 faiss's and NumPy's C allocations that tracemalloc misses) is its own; "base" is the resident memory after the
@@ -170,6 +171,40 @@ def child(cfg):
                       "acc_top20": at[0.2], "acc_all": at[1.0]}))
 
 
+def topk_costs(threads, rows=4096, repeats=5):
+    """kNN's per-row selection at ImageNet scale alone: the 200 largest of 13,000 seed similarities of `rows` queries
+    of the synthetic features, by neighbors.topk, torch.topk and a direct np.argpartition, interleaved. The rows go in
+    knn_propagate's cache-sized blocks (161 rows of 13,000)."""
+    import common  # noqa: F401
+    import numpy as np
+    import torch
+    from common import neighbors
+    import metric_transfer as mt
+    if threads > 0:
+        torch.set_num_threads(threads)
+    f, y = synthetic(200_000, 1000)
+    lab, unl = mt.reference_split(y, 13000, 1000, 0)
+    n, k = len(lab), 200
+    step = (1 << 21) // n
+    sims = [torch.from_numpy(f[unl[s:s + step]]) @ torch.from_numpy(f[lab]).T for s in range(0, rows, step)]
+    ways = {"neighbors.topk": lambda sim: neighbors.topk(sim, k),
+            "torch.topk": lambda sim: sim.topk(k, dim=1, sorted=False).indices,
+            "np.argpartition": lambda sim: torch.from_numpy(np.argpartition(sim.numpy(), n - k, axis=1)[:, n - k:])}
+    for name, way in ways.items():  # warm up, and check that the three agree
+        got = way(sims[0])
+        assert torch.equal(sims[0].gather(1, got).sort(1).values, sims[0].topk(k, dim=1).values.sort(1).values), name
+    spent = dict.fromkeys(ways, 0.0)
+    for _ in range(repeats):
+        for name, way in ways.items():
+            t = time.perf_counter()
+            for sim in sims:
+                way(sim)
+            spent[name] += time.perf_counter() - t
+    print(f"top {k} of {n} columns, {rows} rows in blocks of {step}, {threads or 'all'} thread(s), mean of {repeats}:")
+    for name, total in spent.items():
+        print(f"  {name:18s} {1000 * total / repeats:7.1f} ms  x{total / spent['neighbors.topk']:.2f}")
+
+
 def measure(cfg, timeout, busy=0):
     cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
@@ -201,9 +236,12 @@ def main():
     ap.add_argument("--eigsh", action="store_true", help="also spectral with scipy eigsh (the reference's solver)")
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
+    ap.add_argument("--topk", action="store_true", help="only time kNN's top-200 selection at ImageNet scale")
     args = ap.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.topk:
+        return topk_costs(args.threads)
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     base = {"threads": args.threads, "cache": args.cache}
     rows = []

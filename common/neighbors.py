@@ -116,8 +116,9 @@ def topk(scores, k):
     """Column ids (rows, k) of the k largest entries of each row of a 2-D float tensor, in no order: a top-k as
     `scores.topk(k, dim=1, sorted=False).indices`, equal to it up to the choice among tied values.
 
-    On the CPU, two narrow partial sorts replace one wide one: numpy's argpartition is several times faster than
-    torch.topk on rows that fit in cache, and slower on wide ones. The columns are dealt into g = N // c interleaved
+    On the CPU, numpy's argpartition is 3x faster than torch.topk on a cache-sized block, but runs on one core; here
+    it only sorts two narrow slices, and the rest runs on every core (`benchmarks/propagation.py --topk`: 1.1x a
+    direct argpartition on one thread, 1.3x on two). The columns are dealt into g = N // c interleaved
     groups (column j into group j % g). The k groups with the largest maxima hold a top-k of the row: they hold k
     group maxima, and every entry outside them is at most its own group's maximum, itself at most each of those k.
     So the answer is the top k of their k * c entries and the N - g * c columns left over; c ~ sqrt(N / k) makes the
