@@ -10,9 +10,9 @@ the Self-Tuning fine-grained layout; MXNet RecordIO packed by common.dali.pack_r
 to a temporary folder, then runs each script once per GPU path it has: a subprocess with a timeout (--timeout),
 ResNet-18 on 32-px images for --iters training iterations (30 on CUDA, 3 on CPU), always with an explicit --device.
 
-    faiss ...           the script's plain run (no amp), which searches with faiss: usl.py (kNN density, k-means) and
-                        metric_transfer.py (kNN graph) put their indexes on the GPU by themselves when they run on
-                        CUDA, and the row fails if faiss saw no GPU; usl_t.py mines with CPU indexes on any device
+    faiss ...           the script's plain run (no amp), which searches with faiss: usl.py (kNN density, k-means),
+                        metric_transfer.py (kNN graph) and usl_t.py (neighbour mining, density) put their indexes
+                        on the GPU by themselves when they run on CUDA, and the row fails if faiss saw no GPU
     amp bf16, amp fp16  --amp: autocast in bf16, or in fp16 with a GradScaler on CUDA
     compile             --compile (torch.compile): debiaspl.py and usl_t.py on CUDA; on CPU usl_t.py only, whose
                         heads-only step compiles fastest (C++ code generation takes minutes per script there)
@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))  # fakedata.py: the writers of tiny data
 
 SCRIPTS = ["selftuning", "debiaspl", "metric_transfer", "usl", "usl_t", "metasemi"]
 DALI = {"debiaspl", "metric_transfer", "usl", "metasemi"}          # the scripts with --dali
-FAISS = {"usl": "faiss knn+kmeans", "metric_transfer": "faiss knn graph", "usl_t": "faiss knn (cpu index)"}
+FAISS = {"usl": "faiss knn+kmeans", "metric_transfer": "faiss knn graph", "usl_t": "faiss knn"}
 BATCH = {"selftuning": 4, "debiaspl": 4, "metric_transfer": 8, "usl": 8, "usl_t": 6, "metasemi": 4}  # per process
 CLASSES = 3
 
@@ -185,7 +185,7 @@ def plan(gpu, world):
     rows = []
     for s in SCRIPTS:
         if s in FAISS:
-            rows.append(Row(s, FAISS[s], faiss_gpu=s != "usl_t"))
+            rows.append(Row(s, FAISS[s], faiss_gpu=True))
         rows += [Row(s, "amp bf16", {"--amp": "bf16"}), Row(s, "amp fp16", {"--amp": "fp16"})]
         if s in compiled:
             rows.append(Row(s, "compile", {"--compile": True}))

@@ -54,7 +54,7 @@ def test_the_cpu_table_lists_every_path_of_every_script():
     assert {n for n in names if "dali" in n} == {"debiaspl dali folder", "metric_transfer dali folder",
                                                  "usl dali folder", "metasemi dali folder", "metasemi dali recordio"}
     assert {n for n in names if "faiss" in n} == {"metric_transfer faiss knn graph", "usl faiss knn+kmeans",
-                                                  "usl_t faiss knn (cpu index)"}
+                                                  "usl_t faiss knn"}
     assert [n for n in names if "compile" in n] == ["usl_t compile"]
     assert len(names) == 27 and set(SUBSET) <= set(names)
 
