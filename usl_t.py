@@ -668,8 +668,10 @@ def main(argv=None):
         st = run.resume_state
         runlib.restore(st, {'model': net, 'optimizer': optimizer, 'scaler': scaler, 'local_loss': local_loss,
                      'global_loss': global_loss, 'stream': stream})
-        if 'reseed_rng' in st:
-            reseed_rng.set_state(st['reseed_rng'])
+        if 'reseed_rng' in st:  # absent from checkpoints written before the stream was saved
+            state = reseed_rng.get_state()
+            runlib.restore(st, {'reseed_rng': state})
+            reseed_rng.set_state(state)
         step = int(st['step'])
         runlib.restore_rng_states(st['rng'], dist.rank, lambda: runlib.seed_everything(
             args.seed + 1000 * step, dist.rank, args.deterministic))

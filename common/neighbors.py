@@ -142,6 +142,6 @@ def topk(scores, k):
 
 
 def _top_columns(x, k):
-    n = x.shape[1]
     import torch
+    n = x.shape[1]
     return torch.from_numpy(np.argpartition(x.numpy(), n - k, axis=1)[:, n - k:])

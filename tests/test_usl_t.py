@@ -286,6 +286,11 @@ def test_refused_resume_leaves_the_folder_byte_identical(cifar, finished, tmp_pa
     state['model']['heads.0.weight'] = torch.zeros(2, 128)
     torch.save(state, folder / 'checkpoint.pt')
     refused(fragments=["the checkpoint's model does not fit", 'size mismatch for heads.0.weight'])
+    # a re-seeding stream of the wrong size: the same one line
+    state = torch.load(finished / 'checkpoint.pt', weights_only=True)
+    state['reseed_rng'] = torch.zeros(3, dtype=torch.uint8)
+    torch.save(state, folder / 'checkpoint.pt')
+    refused(fragments=["the checkpoint's reseed_rng does not fit", 'shape (3,)'])
     # another script's checkpoint (it holds no neighbours) is refused before anything reads it
     torch.save({'script': 'usl', 'flags': {}, 'run': {'evals': [{'iter': 9, 'top1': 1.0}]}}, folder / 'checkpoint.pt')
     refused(fragments=['checkpoint.pt was written by usl.py', 'this is usl_t.py'])
