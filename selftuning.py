@@ -370,9 +370,13 @@ class ClassQueue(nn.Module):
         onehot = F.one_hot(labels, self.num_classes)                    # (N, C)
         rank = (onehot.cumsum(0) * onehot).sum(1) - 1                   # order of each sample within its class
         count = onehot.sum(0)                                           # (C,)
-        keep = rank >= count[labels] - K
         rows = labels * K + (self.ptr[labels] + rank) % K
-        self.keys = self.keys.index_copy(0, rows[keep], keys[keep].to(self.keys.dtype))
+        # A slot keeps the last sample sent to it; every sample sent there writes that one's key, so the copy needs
+        # no mask (whose size the host would have to wait for) and its duplicate rows agree.
+        order = torch.arange(len(labels), device=labels.device)
+        last = torch.full((len(self.keys),), -1, dtype=torch.long, device=labels.device)
+        last = last.scatter_reduce(0, rows, order, "amax")
+        self.keys = self.keys.index_copy(0, rows, keys[last[rows]].to(self.keys.dtype))
         self.ptr = (self.ptr + count) % K
 
 

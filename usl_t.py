@@ -390,33 +390,34 @@ class GlobalLoss(nn.Module):
         self.register_buffer('count_ema', torch.ones(num_heads, num_clusters) / num_clusters)
 
     def forward(self, head, weak, strong):
+        # every row stays in, weighted by its mask: no shape depends on the data, so no step waits for the device
         prob = F.softmax(weak.detach(), dim=1)
         max_prob, target = prob.max(dim=1)
-        mask = max_prob > self.threshold
+        mask = (max_prob > self.threshold).float()
         b, c = prob.shape
-        t = target[mask]
-        n = len(t)
-        if self.use_count_ema and n > 0:  # the reference divides by n = 0 too (NaN); skipped here
+        counts = torch.bincount(target, weights=mask, minlength=c)  # confident rows per cluster
+        n = mask.sum()
+        if self.use_count_ema:  # pooled over the ranks, so that every rank re-seeds the same clusters
             with torch.no_grad():
-                counts = torch.bincount(t, minlength=c).float() / n * self.data_len
-                self.count_ema[head] = self.count_ema[head] * self.momentum + counts * (1 - self.momentum)
-        if n == 0:
-            return strong.sum() * 0.0
+                pooled = distributed.all_reduce_mean(torch.cat([counts, n.view(1)]))
+                share = pooled[:c] / pooled[c] * self.data_len
+                ema = self.count_ema[head] * self.momentum + share * (1 - self.momentum)
+                # no confident row anywhere: the reference divides by 0 (NaN); kept as it was here
+                self.count_ema[head] = torch.where(pooled[c] > 0, ema, self.count_ema[head])
         weight = None
-        if self.renorm or self.reweight:
-            idx, counts = torch.unique(t, return_counts=True)
-            freq = float(n) / len(idx) / counts.float() if self.renorm else 1 / (counts.float() / n)
-            weight = torch.ones(c, device=weak.device)
-            weight[idx] = freq
-        logp = -F.log_softmax(strong[mask], dim=1)
+        if self.renorm or self.reweight:  # n / (U count_k) or n / count_k on the clusters present, 1 elsewhere
+            present, seen = counts > 0, counts.clamp_min(1)
+            freq = n / present.sum() / seen if self.renorm else 1 / (seen / n)
+            weight = torch.where(present, freq, torch.ones_like(counts))
+        logp = -F.log_softmax(strong, dim=1)
         if weight is not None:
             logp = logp * weight.view(1, -1)
-        loss = logp.gather(1, t.view(-1, 1)).view(-1)
+        loss = logp.gather(1, target.view(-1, 1)).view(-1) * mask
         if self.mean_outside_mask:
             return loss.sum() / b
-        if weight is not None:
-            return (loss / weight[t].sum()).sum()
-        return loss.mean()
+        if weight is not None:  # the masked weight sum is >= 1 whenever a row is confident; else loss.sum() = 0
+            return (loss / (weight[target] * mask).sum().clamp_min(1)).sum()
+        return loss.sum() / n.clamp_min(1)
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """No host synchronisation on iterations that neither log nor evaluate: every value the loop reads back (the loss for
 the finiteness check and the progress line, the logged means) stays on the device until a logging step.
 
-A read is counted when a tensor is turned into a Python value (item, float, int, bool, tolist, numpy) by the
-training loop, not by the input pipeline (common.loaders and the transforms it calls run on the host anyway). A run
+A read is counted when a tensor is turned into a Python value (item, float, int, bool, tolist, numpy), or goes
+through an op whose output shape depends on its values (a boolean mask, nonzero, unique), in the training loop, not
+in the input pipeline (common.loaders and the transforms it calls run on the host anyway). A run
 of 3 iterations and one of 9 log and evaluate once, at their last iteration; the 6 iterations more must add no read.
 """
 import importlib
+import traceback
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ import torch
 import fakedata
 
 READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "__index__")
+# Ops whose output shape depends on the values: on a GPU each waits for the device to know its size.
+SHAPED = ("nonzero", "unique", "masked_select", "argwhere")
 # The input pipeline runs on the host; so does an optimizer's step counter (a CPU tensor even for CUDA parameters,
 # unless capturable), which Adam reads every step.
 PIPELINE = ("common/loaders.py", "common/dali.py", "/torchvision/", "/PIL/", "/torch/optim/")
@@ -51,19 +55,26 @@ def command(script, data, iters):
 def reads_of_a_run(script, argv, monkeypatch):
     count = [0]
 
-    def counting(name):
-        plain = getattr(torch.Tensor, name)
+    def outside_pipeline():
+        return not any(p in f.filename for f in traceback.extract_stack(limit=40)[:-2] for p in PIPELINE)
 
-        def read(self, *args, **kwargs):
-            import traceback
-            files = [f.filename for f in traceback.extract_stack(limit=40)[:-1]]
-            if not any(p in f for f in files for p in PIPELINE):
+    def counted(plain, reads=lambda *args, **kwargs: True):
+        def wrapper(*args, **kwargs):
+            if reads(*args, **kwargs) and outside_pipeline():
                 count[0] += 1
-            return plain(self, *args, **kwargs)
-        return read
+            return plain(*args, **kwargs)
+        return wrapper
+
+    def by_mask(self, index, *rest):
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
     with monkeypatch.context() as m:
-        for name in READS:
-            m.setattr(torch.Tensor, name, counting(name))
+        for name in READS + SHAPED:
+            m.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        for name in SHAPED:
+            m.setattr(torch, name, counted(getattr(torch, name)))
+        m.setattr(torch.Tensor, "__getitem__", counted(torch.Tensor.__getitem__, by_mask))
         importlib.import_module(script).main(argv)
     return count[0]
 

@@ -1,6 +1,7 @@
 """usl_t.py: the local and global losses on hand-made logits, re-seeding, selection rules, the command line."""
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -76,6 +77,36 @@ def test_global_loss_count_ema():
     g(0, WEAK, STRONG)
     # bincount [2, 1] / 3 * 300 = [200, 100]; 0.9 * [0.5, 0.5] + 0.1 * [200, 100] = [20.45, 10.45]
     torch.testing.assert_close(g.count_ema[0], torch.tensor([20.45, 10.45]))
+
+
+_COUNTS_UNDER_TORCHRUN = """
+import math, sys
+import torch
+import usl_t
+from common import distributed
+
+d = distributed.init("cpu")
+g = usl_t.GlobalLoss(0.9, False, False, True, 2, 1, count_ema=True, data_len=300)
+confident = [[math.log(19), 0.0], [math.log(19), 0.0]] if d.rank == 0 else [[0.0, math.log(19)], [math.log(1.5), 0.0]]
+g(0, torch.tensor(confident), torch.zeros(2, 2))
+print(f"rank {d.rank} {[round(v, 4) for v in g.count_ema[0].tolist()]}")
+"""
+
+
+def test_cluster_counts_are_pooled_over_the_ranks(tmp_path):
+    # WEAK's four rows split over two gloo processes: both ranks end with test_global_loss_count_ema's EMA of the
+    # pooled counts, so both re-seed the same clusters (alone, rank 0 would count [300, 0] and rank 1 [0, 300])
+    import subprocess
+    import sys
+    from conftest import script_env
+    script = tmp_path / 'counts.py'
+    script.write_text(_COUNTS_UNDER_TORCHRUN)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], env=script_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the two ranks' lines may share one line of the launcher's output
+    lines = sorted(re.findall(r'rank \d \[[^]]*\]', proc.stdout))
+    assert lines == ['rank 0 [20.45, 10.45]', 'rank 1 [20.45, 10.45]'], proc.stdout
 
 
 def test_reassign_clusters():
