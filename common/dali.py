@@ -161,10 +161,8 @@ class DaliStream:
         self.one_pass = bool(one_pass)
         self.shuffle = (not one_pass) if shuffle is None else bool(shuffle)
         self.batch_size = int(batch_size)
-        if device == "cuda":   # the GPU this process drives: torchrun's LOCAL_RANK, else the current CUDA device
-            if local_rank is None:
-                local_rank = os.environ.get("LOCAL_RANK")
-            if local_rank is None:
+        if device == "cuda":   # the GPU this process drives: torch's current device, which distributed.init sets
+            if local_rank is None:  # (LOCAL_RANK modulo the GPUs visible, when a process sees fewer GPUs than ranks)
                 import torch
                 local_rank = torch.cuda.current_device()
             self.local_rank = int(local_rank)

@@ -4,6 +4,7 @@
 processes that find each other through the RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR environment torchrun sets.
 NCCL joins CUDA ranks, gloo CPU ranks.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common import UserError
+
+
+# How long a collective may wait for the other ranks. Rank 0 alone runs some stages while the others wait at a
+# barrier (metric_transfer's label propagation: 8 to 37 minutes at ImageNet scale on a CPU), longer than NCCL's
+# 10-minute and gloo's 30-minute defaults.
+WAIT = datetime.timedelta(hours=4)
 
 
 @dataclass
@@ -39,7 +46,8 @@ def init(device_flag="auto"):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(device_flag, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None, timeout=WAIT)
     return Dist(rank, world_size, local_rank, device, rank == 0)
 
 
