@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 CHUNK = 65536  # queries per faiss search call: 65,536 x k results at a time
+GPU_MAX_K = 2048  # faiss' GPU selection returns at most this many neighbours per query (GPU_MAX_SELECTION_K)
 METRICS = ("l2", "ip")
 
 _gpu_resources = None
@@ -97,7 +98,11 @@ def ivf_index(x, metric, nlist, nprobe, train_size, sample_seed=0, kmeans_iters=
 
 
 def search_chunks(index, queries, k, chunk=CHUNK):
-    """Yield (start, D, I) for each chunk of `chunk` queries: the k nearest rows of the index for queries[start:]."""
+    """Yield (start, D, I) for each chunk of `chunk` queries: the k nearest rows of the index for queries[start:].
+    A GPU index asked for more than GPU_MAX_K neighbours is searched on the CPU instead."""
+    faiss = _faiss()
+    if k > GPU_MAX_K and hasattr(faiss, "GpuIndex") and isinstance(index, faiss.GpuIndex):
+        index = faiss.index_gpu_to_cpu(index)
     for start in range(0, len(queries), chunk):
         D, I = index.search(_rows(queries[start:start + chunk]), k)
         yield start, D, I

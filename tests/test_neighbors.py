@@ -96,3 +96,20 @@ def test_topk_holds_the_k_largest_entries_of_each_row(n, k):
     assert all(len(set(row)) == min(n, k) for row in ids.tolist())
     expected = scores.topk(min(n, k), dim=1).values
     assert torch.equal(scores.gather(1, ids).sort(1).values, expected.sort(1).values)
+
+
+def test_a_gpu_index_asked_for_more_neighbours_than_faiss_gpu_selects_is_searched_on_the_cpu(points, monkeypatch):
+    faiss = neighbors._faiss()
+    db, queries = points
+    cpu = neighbors.flat_index(db, "l2")
+
+    class FakeGpuIndex:  # stands for a faiss.GpuIndex: its search would refuse k > GPU_MAX_K
+        def search(self, x, k):
+            assert k <= neighbors.GPU_MAX_K
+            return cpu.search(x, k)
+    monkeypatch.setattr(faiss, "GpuIndex", FakeGpuIndex, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: cpu, raising=False)
+    monkeypatch.setattr(neighbors, "GPU_MAX_K", 5)
+    D, I = neighbors.search(FakeGpuIndex(), queries, 7)
+    assert (I == neighbors.search(cpu, queries, 7)[1]).all()
+    assert neighbors.search(FakeGpuIndex(), queries, 5)[1].shape == (70, 5)
