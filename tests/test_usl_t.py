@@ -90,6 +90,7 @@ g = usl_t.GlobalLoss(0.9, False, False, True, 2, 1, count_ema=True, data_len=300
 confident = [[math.log(19), 0.0], [math.log(19), 0.0]] if d.rank == 0 else [[0.0, math.log(19)], [math.log(1.5), 0.0]]
 g(0, torch.tensor(confident), torch.zeros(2, 2))
 print(f"rank {d.rank} {[round(v, 4) for v in g.count_ema[0].tolist()]}")
+distributed.shutdown()
 """
 
 
