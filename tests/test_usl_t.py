@@ -3,6 +3,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 import usl_t
 from common import UserError, backbones, datasets, splits
-from conftest import assert_ok, assert_user_error, run_script
+from conftest import assert_ok, assert_user_error, run_script, script_env
 from fakedata import write_cifar, write_imagefolder
 from runhelpers import cli, snapshot
 
@@ -80,7 +82,7 @@ def test_global_loss_count_ema():
 
 
 _COUNTS_UNDER_TORCHRUN = """
-import math, sys
+import math
 import torch
 import usl_t
 from common import distributed
@@ -97,9 +99,6 @@ distributed.shutdown()
 def test_cluster_counts_are_pooled_over_the_ranks(tmp_path):
     # WEAK's four rows split over two gloo processes: both ranks end with test_global_loss_count_ema's EMA of the
     # pooled counts, so both re-seed the same clusters (alone, rank 0 would count [300, 0] and rank 1 [0, 300])
-    import subprocess
-    import sys
-    from conftest import script_env
     script = tmp_path / 'counts.py'
     script.write_text(_COUNTS_UNDER_TORCHRUN)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
