@@ -380,7 +380,7 @@ def kmeans(x, k, iters, seed=0, init=None, gpu=False, log=None):
         changed = 0
         if len(todo):
             kk = min(2, len(live))
-            if it == 0 or gpu or len(live) <= 64:
+            if it == 0 or gpu or len(live) <= 64 or not pruning_pays(labels[todo], upper[todo], c, live):
                 d, j = neighbors.search(neighbors.flat_index(c[live], 'l2', gpu), x[todo], kk)
             else:
                 d, j = nearest_two_pruned(xt, todo, labels[todo], upper[todo], c, live)
@@ -422,6 +422,29 @@ def kmeans(x, k, iters, seed=0, init=None, gpu=False, log=None):
         if log is not None:
             log(it, changed, len(todo))
     return labels, c.astype(np.float32), rounds
+
+
+# nearest_two_pruned's fixed cost per group of points (~0.4 ms on one CPU thread) in point-centroid distances of
+# faiss' search (~3 ns each on the same thread)
+GROUP_COST = 150_000
+
+
+def pruning_pays(assigned, upper, c, live):
+    """Whether nearest_two_pruned beats the full search: its distances to the candidate centroids plus GROUP_COST per
+    group, against len(assigned) x len(live). The pruned search wins at ImageNet scale (1.28M points, 2,911
+    clusters: under 1% of the distances); at CIFAR scale its per-group cost dominates (40 to 400 clusters of 50,000
+    points: a third of the full search's speed). Both give the same answers."""
+    pos = np.full(len(c), -1, dtype=np.int64)
+    pos[live] = np.arange(len(live))
+    group = pos[assigned]
+    members = np.bincount(group, minlength=len(live))
+    reach = np.zeros(len(live), dtype=np.float32)
+    np.maximum.at(reach, group, upper)
+    cl = torch.from_numpy(c[live])
+    # an estimate: cdist's matrix-product form, with slack for its rounding
+    candidates = (torch.cdist(cl, cl) < torch.from_numpy(2 * reach * (1 + 1e-4) + 1e-4)[:, None]).sum(1).numpy()
+    pruned = int((members > 0).sum()) * GROUP_COST + int((members * candidates).sum())
+    return pruned < len(assigned) * len(live)
 
 
 def nearest_two_pruned(xt, rows, assigned, upper, c, live):

@@ -76,8 +76,13 @@ def test_kmeans_equals_brute_force_lloyd():
     np.testing.assert_allclose(cents, c.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_kmeans_many_clusters_pruned_search_equals_brute_force():
-    # more than 64 clusters: after round 1 only the centroids within 2u of a point's centroid are searched
+def test_kmeans_many_clusters_pruned_search_equals_brute_force(monkeypatch):
+    # more than 64 clusters and no cost per group: after round 1 only the centroids within 2u of a point's centroid
+    # are searched
+    monkeypatch.setattr(usl, 'GROUP_COST', 0)
+    pruned = []
+    inner = usl._nearest_two_pruned
+    monkeypatch.setattr(usl, '_nearest_two_pruned', lambda *a: pruned.append(len(a[1])) or inner(*a))
     rng = np.random.RandomState(2)
     x = (rng.randn(1500, 4) + rng.randint(0, 6, (1500, 1))).astype(np.float32)
     init = usl.kmeans_init(1500, 80, 0)
@@ -87,8 +92,21 @@ def test_kmeans_many_clusters_pruned_search_equals_brute_force():
         cl = torch.nan_to_num(((xt[:, None] - c[None]) ** 2).sum(-1), nan=float('inf')).argmin(1)
         c = torch.zeros_like(c).index_add_(0, cl, xt) / torch.bincount(cl, minlength=80).float()[:, None]
     labels, cents, _ = usl.kmeans(x, 80, 15, init=init)
-    assert labels.tolist() == cl.tolist()
+    assert pruned and labels.tolist() == cl.tolist()
     np.testing.assert_allclose(cents, c.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_search_is_chosen_when_its_distances_and_group_cost_are_fewer(monkeypatch):
+    # two clusters of 3 points, 10 apart, each point within 1 of its centroid: each group's only candidate is its own
+    # centroid, 6 distances instead of 6 x 2 = 12
+    c = np.array([[0.0, 0.0], [10.0, 0.0]], dtype=np.float32)
+    assigned, upper, live = np.array([0, 0, 0, 1, 1, 1]), np.ones(6, dtype=np.float32), np.arange(2)
+    monkeypatch.setattr(usl, 'GROUP_COST', 2)
+    assert usl.pruning_pays(assigned, upper, c, live)         # 2 x 2 + 6 = 10 < 12
+    monkeypatch.setattr(usl, 'GROUP_COST', 3)
+    assert not usl.pruning_pays(assigned, upper, c, live)     # 2 x 3 + 6 = 12
+    monkeypatch.setattr(usl, 'GROUP_COST', 0)
+    assert not usl.pruning_pays(assigned, np.full(6, 6, dtype=np.float32), c, live)  # within 12 of both: 12 = 12
 
 
 # ------------------------------------------------------------------------------------------------- selection
