@@ -431,9 +431,10 @@ GROUP_COST = 150_000
 
 def pruning_pays(assigned, upper, c, live):
     """Whether nearest_two_pruned beats the full search: its distances to the candidate centroids plus GROUP_COST per
-    group, against len(assigned) x len(live). The pruned search wins at ImageNet scale (1.28M points, 2,911
-    clusters: under 1% of the distances); at CIFAR scale its per-group cost dominates (40 to 400 clusters of 50,000
-    points: a third of the full search's speed). Both give the same answers."""
+    group on one thread, against len(assigned) x len(live) shared by every thread of faiss' search. The pruned
+    search wins at ImageNet scale (1.28M points, 2,911 clusters: under 1% of the distances); at CIFAR scale its
+    per-group cost dominates (400 clusters of 50,000 points: a third of the full search's speed). Both give the same
+    answers."""
     pos = np.full(len(c), -1, dtype=np.int64)
     pos[live] = np.arange(len(live))
     group = pos[assigned]
@@ -444,7 +445,7 @@ def pruning_pays(assigned, upper, c, live):
     # an estimate: cdist's matrix-product form, with slack for its rounding
     candidates = (torch.cdist(cl, cl) < torch.from_numpy(2 * reach * (1 + 1e-4) + 1e-4)[:, None]).sum(1).numpy()
     pruned = int((members > 0).sum()) * GROUP_COST + int((members * candidates).sum())
-    return pruned < len(assigned) * len(live)
+    return pruned < len(assigned) * len(live) / torch.get_num_threads()
 
 
 def nearest_two_pruned(xt, rows, assigned, upper, c, live):

@@ -99,6 +99,7 @@ def test_kmeans_many_clusters_pruned_search_equals_brute_force(monkeypatch):
 def test_pruned_search_is_chosen_when_its_distances_and_group_cost_are_fewer(monkeypatch):
     # two clusters of 3 points, 10 apart, each point within 1 of its centroid: each group's only candidate is its own
     # centroid, 6 distances instead of 6 x 2 = 12
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 1)
     c = np.array([[0.0, 0.0], [10.0, 0.0]], dtype=np.float32)
     assigned, upper, live = np.array([0, 0, 0, 1, 1, 1]), np.ones(6, dtype=np.float32), np.arange(2)
     monkeypatch.setattr(usl, 'GROUP_COST', 2)
@@ -107,6 +108,9 @@ def test_pruned_search_is_chosen_when_its_distances_and_group_cost_are_fewer(mon
     assert not usl.pruning_pays(assigned, upper, c, live)     # 2 x 3 + 6 = 12
     monkeypatch.setattr(usl, 'GROUP_COST', 0)
     assert not usl.pruning_pays(assigned, np.full(6, 6, dtype=np.float32), c, live)  # within 12 of both: 12 = 12
+    monkeypatch.setattr(usl, 'GROUP_COST', 2)
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 2)
+    assert not usl.pruning_pays(assigned, upper, c, live)     # 10 on one thread against 12 on two
 
 
 # ------------------------------------------------------------------------------------------------- selection
