@@ -295,6 +295,25 @@ def main():
     out = Path(a.cache) / 'selection_results.json'
     out.write_text(json.dumps(rows, indent=1))
     print(f'results: {out}')
+    targets(rows)
+
+
+def targets(rows):
+    """Each row against its target: CIFAR scale >= 30x the plain version at budget 40 and >= 100x at budget 400 with
+    identical picks; ImageNet scale <= 10 minutes and <= 8 GB."""
+    print('\ntargets: CIFAR scale >= 30x plain at budget 40, >= 100x at budget 400, identical picks; '
+          'ImageNet scale <= 600 s and <= 8 GB')
+    for line in rows:
+        name = f"{line['scale']} {line['data']} budget {line['budget']}"
+        if line['scale'] == 'imagenet':
+            u = line['usl']
+            ok = u['total_s'] <= 600 and u['peak_gb'] <= 8
+            print(f"  {name:32s} {u['total_s']:.0f} s, {u['peak_gb']:.2f} GB: {'met' if ok else 'NOT met'}")
+        elif 'speedup' in line:
+            need = 30 if line['budget'] <= 100 else 100
+            ok = line['speedup'] >= need and line['identical_picks'] == 1
+            print(f"  {name:32s} {line['speedup']:.1f}x (>= {need}x), identical picks "
+                  f"{100 * line['identical_picks']:.1f}%: {'met' if ok else 'NOT met'}")
 
 
 def report(line):
