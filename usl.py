@@ -524,7 +524,8 @@ def sq_dists(x, y):
     sum((x - y)^2) in float32 (within its rounding) but a matrix product, ~20x faster on CPU. Pairs that come out
     nearly equal (duplicates, a point and itself) are recomputed in the explicit form so exact zeros stay zeros."""
     x64, y64 = x.double(), y.double()
-    # (|x|^2 + |y|^2) - 2 x.y, the subtraction inside the product (bit-identical to doing it after, half the passes)
+    # (|x|^2 + |y|^2) - 2 x.y with the subtraction inside the product: bit-identical here to subtracting after, and
+    # half the passes over the chunk
     d = torch.addmm((x64 * x64).sum(1, keepdim=True) + (y64 * y64).sum(1)[None], x64, y64.T, alpha=-2).float()
     tiny = torch.nonzero(d < 1e-6)
     if len(tiny):
